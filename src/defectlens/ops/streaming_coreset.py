@@ -1,0 +1,421 @@
+"""Fixed-size PatchCore coreset built as a stream (Sequential PatchCore).
+
+The memory bank of PatchCore is normally a k-center greedy coreset of *all* training patch
+features, so memory grows with (images x patches). The sequential variant keeps a bank of a
+fixed size M and feeds the patches through it one at a time; memory is O(M^2 + M*D) whatever
+the number or size of the training images.
+
+The rule, for one patch p (``StreamingCoreset.update`` applies it to each row of a batch in
+order, so the result does not depend on how the stream is cut into batches):
+
+1. While the coreset holds fewer than M vectors, p is appended, unless it duplicates a vector
+   already kept (distance 0): a copy adds no coverage and would pin d_m at 0.
+2. Otherwise let d_p be the distance from p to its nearest coreset vector and d_m the smallest
+   pairwise distance in the coreset, reached by the pair (a, b). If d_p > d_m, p replaces one
+   member of that pair; otherwise p is dropped.
+
+Which member goes: the one whose *second*-nearest coreset vector (its nearest other than its
+partner) is closer. Removing either member costs at most d_m of coverage (the partner stays
+within d_m of it, triangle inequality), so the tie is broken by density: the member with the
+closer second neighbour sits in the denser neighbourhood, which is still covered by two
+vectors after it leaves; the other member keeps covering the sparser side. On equality the
+first of the pair (the lower row with the smallest nearest-neighbour distance) goes.
+
+Each replacement removes a pair at distance d_m and brings a vector that is farther than d_m
+from every vector that stays, so the sorted list of pairwise distances grows
+lexicographically: streaming the same finite data over and over reaches an epoch without
+replacement. The caller drives the epochs and reads the number of changes ``update`` returns.
+
+Bookkeeping, all on ``device``:
+
+* ``features`` (M, D) and their squared norms (M,);
+* the dense matrix of squared pairwise distances (M, M), +inf on the diagonal and in the
+  rows/columns of slots not filled yet;
+* per row its nearest neighbour (squared distance and index, first index on ties), so the
+  closest pair is one ``argmin`` over M values.
+
+A replacement in slot r rewrites row and column r of the matrix and the nearest neighbours
+in O(M) (rows whose nearest neighbour was the old vector r are re-scanned, O(M) each).
+Batches are processed in chunks: one matmul gives the squared distances from the chunk to
+the coreset (C, M); patches that cannot enter (d_p <= d_m, the vast majority once the coreset
+is good) are skipped in one vectorised comparison, and only the ones that do enter are
+visited in Python, in stream order. After each replacement the chunk's distances are updated
+from the chunk's own pairwise distances (C, C), so a patch whose nearest coreset vector has
+just been removed is re-examined exactly as one-at-a-time processing would.
+
+Distances are computed as |x|^2 + |y|^2 - 2 x.y; squared distances below the rounding floor
+of that formula (``_ZERO_TOLERANCE`` x eps x (|x|^2 + |y|^2)) are set to exactly 0, so that
+duplicated patches are recognised as duplicates whatever path computed their distance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from defectlens.errors import ConfigError
+
+# Squared distances below _ZERO_TOLERANCE * eps(dtype) * (|x|^2 + |y|^2) are rounding noise of
+# the matmul formula and are treated as 0 (for float32: points closer than ~0.3 % of their norm).
+_ZERO_TOLERANCE = 32.0
+# Default chunk: about this many squared distances (C x M) per block (16 MiB in float32, so a
+# block and its temporaries stay in a large L3 cache).
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def squared_distances(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_sq: torch.Tensor | None = None,
+    y_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Squared Euclidean distances (N, K) between rows of ``x`` (N, D) and ``y`` (K, D).
+
+    ``x_sq`` (N,) and ``y_sq`` (K,) are the rows' squared norms when already known. Values
+    under the formula's rounding floor are exactly 0 (identical rows give 0).
+    """
+    if x_sq is None:
+        x_sq = (x * x).sum(1)
+    if y_sq is None:
+        y_sq = (y * y).sum(1)
+    out = x_sq[:, None] + y_sq[None, :]
+    out.addmm_(x, y.T, alpha=-2.0)
+    if out.numel() == 0:
+        return out
+    # Zero the values under the rounding floor. One comparison with a scalar bound finds the
+    # few candidates; the exact per-pair floor is applied to those only.
+    eps = _ZERO_TOLERANCE * torch.finfo(out.dtype).eps
+    small = torch.nonzero(out <= eps * float(x_sq.max() + y_sq.max()))
+    if small.numel():
+        i, j = small.unbind(1)
+        values = out[i, j]
+        out[i, j] = torch.where(values <= eps * (x_sq[i] + y_sq[j]), 0.0, values)
+    return out
+
+
+class StreamingCoreset:
+    """A coreset of at most ``size`` patch features, grown and improved from a stream.
+
+    Args:
+        size: M, the number of vectors kept (>= 1; with 1 the first patch stays forever).
+        dim: D, the feature dimension.
+        device: where the state lives ("cpu" by default).
+        dtype: float dtype of features and distances (float32 by default).
+        chunk_size: patches per distance block in ``update`` (C); ``None`` picks C so that a
+            (C, M) block holds about 4 M values. Changes memory and speed, never the result.
+
+    Memory: the (M, M) distance matrix dominates, M^2 * itemsize bytes (1.6 GB for M = 20000
+    in float32), allocated at construction; see ``memory_bytes``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        chunk_size: int | None = None,
+    ) -> None:
+        if int(size) < 1:
+            raise ConfigError(f"coreset size must be >= 1, got {size}")
+        if int(dim) < 1:
+            raise ConfigError(f"feature dimension must be >= 1, got {dim}")
+        if not dtype.is_floating_point:
+            raise ConfigError(f"coreset dtype must be a float dtype, got {dtype}")
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.size = int(size)
+        self.dim = int(dim)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.chunk_size = (
+            int(chunk_size) if chunk_size is not None else max(64, _BLOCK_ELEMENTS // self.size)
+        )
+        m = self.size
+        self.features = torch.zeros((m, self.dim), dtype=dtype, device=self.device)
+        self.count = 0
+        self._sq = torch.zeros(m, dtype=dtype, device=self.device)
+        self._dist = torch.full((m, m), math.inf, dtype=dtype, device=self.device)
+        self._nn_val = torch.full((m,), math.inf, dtype=dtype, device=self.device)
+        self._nn_idx = torch.zeros(m, dtype=torch.int64, device=self.device)
+        self._closest = 0  # row of the closest pair (argmin of _nn_val)
+        self.num_seen = 0
+        self.num_inserted = 0
+        self.num_replaced = 0
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def is_full(self) -> bool:
+        """True once the coreset holds ``size`` vectors."""
+        return self.count == self.size
+
+    @property
+    def min_pairwise_distance(self) -> float:
+        """d_m: the smallest distance between two coreset vectors (inf with fewer than 2)."""
+        if self.count < 2:
+            return math.inf
+        return math.sqrt(max(float(self._nn_val[self._closest]), 0.0))
+
+    @property
+    def closest_pair(self) -> tuple[int, int] | None:
+        """Row indices (a, b) of the pair at distance d_m, or None with fewer than 2 vectors."""
+        if self.count < 2:
+            return None
+        return self._closest, int(self._nn_idx[self._closest])
+
+    @property
+    def nearest_neighbours(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per filled row: distance (count,) to and index (count,) of its nearest other row."""
+        n = self.count
+        return self._nn_val[:n].clamp(min=0).sqrt(), self._nn_idx[:n].clone()
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the state (features, norms, distance matrix, nearest neighbours)."""
+        tensors = (self.features, self._sq, self._dist, self._nn_val, self._nn_idx)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def coreset(self) -> torch.Tensor:
+        """The filled rows of ``features``, (count, D) (a view)."""
+        return self.features[: self.count]
+
+    def distances_to(self, patches: torch.Tensor) -> torch.Tensor:
+        """Distance (B,) from each patch (B, D) to its nearest coreset vector (chunked)."""
+        patches = self._check(patches)
+        out = torch.empty(patches.shape[0], dtype=self.dtype, device=self.device)
+        if self.count == 0:
+            return out.fill_(math.inf)
+        bank, bank_sq = self.features[: self.count], self._sq[: self.count]
+        step = max(1, _BLOCK_ELEMENTS // max(self.count, 1))
+        for start in range(0, patches.shape[0], step):
+            block = patches[start : start + step]
+            out[start : start + step] = squared_distances(block, bank, None, bank_sq).min(1).values
+        return out.clamp_(min=0).sqrt_()
+
+    # ------------------------------------------------------------------ streaming
+    def update(self, patches: torch.Tensor) -> int:
+        """Stream patches (B, D) through the coreset, row by row in order.
+
+        Returns:
+            The number of changes: insertions while the coreset fills up plus replacements.
+            0 over a whole epoch means the coreset has converged on that data.
+        """
+        patches = self._check(patches)
+        total = patches.shape[0]
+        self.num_seen += total
+        changes = 0
+        start = 0
+        while self.count < self.size and start < total:
+            chunk = patches[start : start + self.chunk_size]
+            novel = torch.nonzero(self._novel(chunk)).squeeze(1)[: self.size - self.count]
+            if novel.numel():
+                self._append(chunk[novel])
+                changes += novel.numel()
+                self.num_inserted += novel.numel()
+            start += int(novel[-1]) + 1 if self.count == self.size else chunk.shape[0]
+        if self.size < 2:  # no pair, nothing can ever be replaced
+            return changes
+        for chunk_start in range(start, total, self.chunk_size):
+            replaced = self._update_chunk(patches[chunk_start : chunk_start + self.chunk_size])
+            changes += replaced
+            self.num_replaced += replaced
+        return changes
+
+    def _check(self, patches: torch.Tensor) -> torch.Tensor:
+        if not isinstance(patches, torch.Tensor):
+            patches = torch.as_tensor(patches)
+        if patches.ndim != 2 or patches.shape[1] != self.dim:
+            raise ConfigError(f"patches must have shape (B, {self.dim}), got {tuple(patches.shape)}")
+        return patches.to(device=self.device, dtype=self.dtype)
+
+    def _novel(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Bool (C,): rows that duplicate neither a coreset vector nor an earlier row."""
+        chunk_sq = (chunk * chunk).sum(1)
+        within = squared_distances(chunk, chunk, chunk_sq, chunk_sq) == 0
+        duplicate = torch.tril(within, diagonal=-1).any(1)
+        if self.count:
+            bank = squared_distances(chunk, self.features[: self.count], chunk_sq, self._sq[: self.count])
+            duplicate |= (bank == 0).any(1)
+        return ~duplicate
+
+    def _append(self, new: torch.Tensor) -> None:
+        """Fill slots count .. count + len(new) - 1 and their rows/columns of the matrix."""
+        first, last = self.count, self.count + new.shape[0]
+        self.features[first:last] = new
+        self._sq[first:last] = (new * new).sum(1)
+        step = self.chunk_size
+        for s in range(first, last, step):
+            e = min(s + step, last)
+            block = squared_distances(self.features[s:e], self.features[:e], self._sq[s:e], self._sq[:e])
+            square = block[:, s:e]
+            square.copy_(torch.minimum(square, square.T))  # exactly symmetric
+            square.fill_diagonal_(math.inf)
+            self._dist[s:e, :e] = block
+            self._dist[:s, s:e] = block[:, :s].T
+            # New rows see every filled column; older rows may find a closer vector among the
+            # new ones (strictly closer: on a tie the older, lower index stays first).
+            self._nn_val[s:e], self._nn_idx[s:e] = block.min(1)
+            if s > 0:
+                col_val, col_idx = block[:, :s].min(0)
+                better = col_val < self._nn_val[:s]
+                self._nn_val[:s] = torch.where(better, col_val, self._nn_val[:s])
+                self._nn_idx[:s] = torch.where(better, col_idx + s, self._nn_idx[:s])
+        self.count = last
+        self._closest = int(self._nn_val.argmin())
+
+    def _update_chunk(self, chunk: torch.Tensor) -> int:
+        """Apply the replacement rule to each row of ``chunk`` (C, D) in order (coreset full)."""
+        chunk_sq = (chunk * chunk).sum(1)
+        to_bank = squared_distances(chunk, self.features, chunk_sq, self._sq)  # (C, M), kept current
+        d_p, d_p_idx = to_bank.min(1)
+        within: torch.Tensor | None = None  # (C, C) pairwise distances of the chunk, on demand
+        replaced = 0
+        pos = 0
+        n = chunk.shape[0]
+        while pos < n:
+            d_m = self._nn_val[self._closest]
+            hits = torch.nonzero(d_p[pos:] > d_m)
+            if hits.numel() == 0:
+                break
+            i = pos + int(hits[0, 0])
+            if within is None:
+                within = squared_distances(chunk, chunk, chunk_sq, chunk_sq)
+            slot = self._victim()
+            row = to_bank[i].clone()
+            row[slot] = math.inf
+            self._replace(slot, chunk[i], chunk_sq[i], row)
+            replaced += 1
+            pos = i + 1
+            if pos < n:
+                self._refresh_chunk(to_bank, d_p, d_p_idx, within[pos:, i], slot, pos)
+        return replaced
+
+    def _victim(self) -> int:
+        """The member of the closest pair to replace (see the module docstring)."""
+        a = self._closest
+        b = int(self._nn_idx[a])
+        row_a, row_b = self._dist[a], self._dist[b]
+        pair = row_a[b].clone()
+        row_a[b] = math.inf
+        second_a = row_a.min()
+        row_a[b] = pair
+        row_b[a] = math.inf
+        second_b = row_b.min()
+        row_b[a] = pair
+        return b if bool(second_b < second_a) else a
+
+    def _replace(self, slot: int, vector: torch.Tensor, vector_sq: torch.Tensor, row: torch.Tensor) -> None:
+        """Put ``vector`` in ``slot``; ``row`` (M,) holds its squared distances (inf at slot)."""
+        self.features[slot] = vector
+        self._sq[slot] = vector_sq
+        self._dist[slot] = row
+        self._dist[:, slot] = row
+        # Rows whose nearest neighbour may change: the new vector is at least as close as their
+        # current one, or their current one was the vector just removed. Usually a handful;
+        # their rows (already holding the new column) are re-scanned, first index on ties.
+        nn_val, nn_idx = self._nn_val, self._nn_idx
+        rows = torch.nonzero((row <= nn_val) | (nn_idx == slot)).squeeze(1)
+        if rows.numel():
+            nn_val[rows], nn_idx[rows] = self._dist[rows].min(1)
+        nn_val[slot], nn_idx[slot] = row.min(0)
+        self._closest = int(nn_val.argmin())
+
+    @staticmethod
+    def _refresh_chunk(
+        to_bank: torch.Tensor,
+        d_p: torch.Tensor,
+        d_p_idx: torch.Tensor,
+        new_column: torch.Tensor,
+        slot: int,
+        pos: int,
+    ) -> None:
+        """Slot ``slot`` now holds another vector: update the chunk's rows ``pos:``."""
+        to_bank[pos:, slot] = new_column
+        val, idx = d_p[pos:], d_p_idx[pos:]
+        lost = idx == slot
+        better = new_column < val
+        lost &= ~better
+        val.copy_(torch.where(better, new_column, val))
+        idx.masked_fill_(better, slot)
+        rows = torch.nonzero(lost).squeeze(1)
+        if rows.numel():
+            val[rows], idx[rows] = to_bank[rows + pos].min(1)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors: ``features`` (M, D) (rows >= count are zero) and ``count`` (int64)."""
+        return {
+            "features": self.features.detach().cpu().clone(),
+            "count": torch.tensor(self.count, dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_state(
+        cls,
+        state: dict[str, torch.Tensor],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        chunk_size: int | None = None,
+    ) -> StreamingCoreset:
+        """Rebuild a coreset from ``state_dict()``; the distance matrix is recomputed."""
+        features = state["features"]
+        count = int(state["count"])
+        if features.ndim != 2 or not 0 <= count <= features.shape[0]:
+            raise ConfigError(
+                f"coreset state has features {tuple(features.shape)} and count {count}"
+            )
+        out = cls(features.shape[0], features.shape[1], device, dtype or features.dtype, chunk_size)
+        if count:
+            out._append(features[:count].to(device=out.device, dtype=out.dtype))
+        return out
+
+
+def meld(
+    coresets: Sequence[StreamingCoreset | torch.Tensor],
+    size: int,
+    seed: int = 0,
+    max_epochs: int = 10,
+    device: str | torch.device | None = None,
+    chunk_size: int | None = None,
+) -> StreamingCoreset:
+    """Merge coresets built on different data (or machines) into one of ``size`` vectors.
+
+    The union of their vectors is streamed through a fresh ``StreamingCoreset`` in one seeded
+    random order, epoch after epoch, until an epoch replaces nothing or ``max_epochs`` is
+    reached. No image is needed. Tensors (N, D) are taken as they are.
+
+    Returns:
+        The merged coreset (on ``device``, default that of the first coreset, else CPU).
+    """
+    parts: list[torch.Tensor] = []
+    dtype: torch.dtype | None = None
+    for item in coresets:
+        if isinstance(item, StreamingCoreset):
+            parts.append(item.coreset().detach().cpu())
+            device = item.device if device is None else device
+            dtype = dtype or item.dtype
+        else:
+            tensor = torch.as_tensor(item)
+            if tensor.ndim != 2:
+                raise ConfigError(f"meld takes (N, D) tensors, got shape {tuple(tensor.shape)}")
+            parts.append(tensor.detach().cpu())
+    if not parts:
+        raise ConfigError("meld needs at least one coreset")
+    dims = {p.shape[1] for p in parts}
+    if len(dims) != 1:
+        raise ConfigError(f"meld got coresets of different feature dimensions {sorted(dims)}")
+    if dtype is None:
+        dtype = parts[0].dtype if parts[0].dtype.is_floating_point else torch.float32
+    union = torch.cat([p.to(dtype) for p in parts])
+    if union.shape[0] == 0:
+        raise ConfigError("meld got only empty coresets")
+    order = torch.randperm(union.shape[0], generator=torch.Generator().manual_seed(seed))
+    union = union[order]
+    merged = StreamingCoreset(size, union.shape[1], device or "cpu", dtype, chunk_size)
+    merged.update(union)
+    for _ in range(max_epochs - 1):
+        if merged.update(union) == 0:
+            break
+    return merged
