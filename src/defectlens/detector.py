@@ -112,6 +112,8 @@ class Detector:
             threshold (PatchCore: leave-one-image-out; other methods: k-fold).
         calibration_folds: folds of the k-fold calibration.
         preprocess: ROI steps (`defectlens.data.roi.Preprocess` or its dict) applied first.
+        circular_padding: treat images as periodic in x (polar roll-out bands): backbone
+            convolutions, map upsampling and blur wrap around the x border.
         seed: seeds every random step.
         **method_options: the method's hyper-parameters (e.g. coreset_ratio, covariance).
     """
@@ -130,6 +132,7 @@ class Detector:
         calibration_images: int = 40,
         calibration_folds: int = 5,
         preprocess: Preprocess | dict[str, Any] | None = None,
+        circular_padding: bool = False,
         seed: int = 0,
         **method_options: Any,
     ) -> None:
@@ -150,6 +153,7 @@ class Detector:
         self.calibration_images = int(calibration_images)
         self.calibration_folds = int(calibration_folds)
         self.preprocess = preprocess if isinstance(preprocess, Preprocess) else Preprocess.from_dict(preprocess)
+        self.circular_padding = bool(circular_padding)
         self.seed = seed
         method_options.setdefault("seed", seed)
         self.method: AnomalyMethod = build_method(method, **method_options)
@@ -162,7 +166,9 @@ class Detector:
     def extractor(self) -> FeatureExtractor:
         """The feature extractor, built on first use (weights load once)."""
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.layers, self.weights, self.device)
+            self._extractor = FeatureExtractor(
+                self.backbone, self.layers, self.weights, self.device, circular_padding=self.circular_padding
+            )
         return self._extractor
 
     def _to_model_input(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -266,16 +272,19 @@ class Detector:
     def _image_scores(
         self, features: torch.Tensor, patch_scores: torch.Tensor, method: AnomalyMethod | None = None
     ) -> torch.Tensor:
-        maps = postprocess.anomaly_maps(patch_scores, self.image_size, self.blur_sigma)
+        maps = postprocess.anomaly_maps(patch_scores, self.image_size, self.blur_sigma, self.circular_padding)
         return (method or self.method).image_scores(features, patch_scores, maps)
 
     def score_arrays(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Image scores (N,) and anomaly maps (each (H, W) at its image's size) of prepared images."""
         features = self.features(images)
         patch_scores = self.method.patch_scores(features)
-        maps = postprocess.anomaly_maps(patch_scores, self.image_size, self.blur_sigma)
+        maps = postprocess.anomaly_maps(patch_scores, self.image_size, self.blur_sigma, self.circular_padding)
         scores = self.method.image_scores(features, patch_scores, maps)
-        full_size = [postprocess.to_image_size(anomaly_map, image.shape[:2]) for anomaly_map, image in zip(maps, images)]
+        full_size = [
+            postprocess.to_image_size(anomaly_map, image.shape[:2], self.circular_padding)
+            for anomaly_map, image in zip(maps, images)
+        ]
         return scores.numpy().astype(np.float64), full_size
 
     def _require_fitted(self) -> float:
@@ -356,6 +365,7 @@ class Detector:
                 "resize": "bilinear-antialias",
                 "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
                 "roi": self.preprocess.to_dict(),
+                "circular_padding": self.circular_padding,
             },
             "postprocessing": {"blur_sigma": self.blur_sigma},
             "batch_size": self.batch_size,
@@ -404,6 +414,7 @@ class Detector:
                 calibration_images=metadata.get("calibration_images", 40),
                 calibration_folds=metadata.get("calibration_folds", 5),
                 preprocess=metadata["preprocessing"].get("roi"),
+                circular_padding=metadata["preprocessing"].get("circular_padding", False),
                 **metadata["method_options"],
             )
             detector.method.load_state(
