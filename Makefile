@@ -5,7 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean browser-deps
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(VENV)/.installed
 
@@ -21,7 +23,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/defectlens demo --out demo_output
 
-test: install
+# Headless Chromium + ChromeDriver for the web UI's browser test (Debian packages).
+browser-deps:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+
+test: install browser-deps
 	$(PY) -m pytest -q -ra
 
 clean:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from defectlens import __version__
 from defectlens.errors import DefectlensError, ImageReadError
+from defectlens.service.cli import add_serve_parser
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -45,7 +46,10 @@ class ProgressBars:
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Method hyper-parameters given on the command line (only those that were set)."""
-    names = ("coreset_ratio", "num_neighbors", "projection_dim", "covariance", "reduction", "reduced_dim", "chunk_size")
+    names = (
+        "coreset_ratio", "num_neighbors", "projection_dim", "covariance", "reduction", "reduced_dim", "chunk_size",
+        "coreset_size", "epochs",
+    )
     options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if getattr(args, "reweight", False):
         options["reweight"] = True
@@ -66,10 +70,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         blur_sigma=args.blur_sigma,
         target_fpr=args.target_fpr,
         seed=args.seed,
+        pool_size=args.pool_size,
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
+        augmentation=_augmentation(args.augmentation),
         **_method_options(args),
     )
     progress = ProgressBars(not args.quiet)
-    detector.fit(args.data, progress=progress)
+    detector.fit(args.data, progress=progress, init=args.init)
     progress.close()
     path = detector.save(args.out)
     info = detector.fit_info
@@ -77,6 +85,39 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"fitted {args.method} on {info.num_images} images in "
         f"{info.feature_seconds + info.method_seconds + info.calibration_seconds:.1f} s; "
         f"threshold {detector.threshold:.4g}; model written to {path}"
+    )
+    return EXIT_OK
+
+
+def _augmentation(value: str | None) -> Any:
+    """--augmentation: a preset name, a JSON list of step dicts, or a JSON file holding one."""
+    if not value:
+        return None
+    from defectlens.errors import ConfigError
+
+    try:
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        if Path(value).is_file():
+            return json.loads(Path(value).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--augmentation {value!r} is not valid JSON ({error})") from None
+    return value
+
+
+def cmd_meld(args: argparse.Namespace) -> int:
+    from defectlens.detector import meld_detectors
+
+    detector = meld_detectors(args.models, args.size, seed=args.seed, max_epochs=args.epochs)
+    if args.calibrate:
+        progress = ProgressBars(not args.quiet)
+        detector.calibrate(args.calibrate, progress=progress)
+        progress.close()
+    path = detector.save(args.out)
+    print(
+        f"melded {len(args.models)} models into a coreset of {detector.method.memory_bank.shape[0]} vectors in "
+        f"{detector.fit_info.method_seconds:.1f} s; threshold {detector.threshold:.4g} "
+        f"({detector.fit_info.calibration.get('source', 'calibrated')}); model written to {path}"
     )
     return EXIT_OK
 
@@ -143,23 +184,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from defectlens.data.datasets import MVTecAD
-    from defectlens.detector import Detector
-    from defectlens.evaluation import evaluate
+    from defectlens.errors import ConfigError
+    from defectlens.evaluation import evaluate_maps_run, evaluate_run
+    from defectlens.report import write_reports
 
-    detector = Detector.load(args.model)
-    progress = ProgressBars(not args.quiet)
-    report = evaluate(detector, MVTecAD(args.data), progress=progress)
-    progress.close()
-    _write_json(report, args.json)
+    if args.maps:
+        report, run = evaluate_maps_run(args.maps, args.data, args.scores)
+    else:
+        if args.scores:
+            raise ConfigError("--scores goes with --maps (a model computes its own image scores)")
+        from defectlens.detector import Detector
+
+        detector = Detector.load(args.model)
+        progress = ProgressBars(not args.quiet)
+        report, run = evaluate_run(detector, args.data, progress=progress)
+        progress.close()
+    written = write_reports(report, run, json_path=args.json, markdown_path=args.markdown, html_dir=args.report)
     image, pixel = report["image"], report["pixel"]
-    print(
+    summary = (
         f"image AUROC {_fmt(image['auroc'])}  pixel AUROC {_fmt(pixel['auroc'])}  "
         f"AUPRO@0.3 {_fmt(pixel['aupro'].get('0.3'))}"
     )
-    if args.json:
-        print(f"report written to {args.json}")
+    if "spro" in report:
+        summary += f"  AUsPRO@0.05 {_fmt(report['spro']['all']['auspro'].get('0.05'))}"
+    print(summary)
+    for kind, path in written.items():
+        print(f"{kind} report written to {path}")
     return EXIT_OK
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from defectlens.benchmark import iter_failures, load_config, run_benchmark
+
+    config = load_config(args.config)
+    bar = tqdm(total=len(config.jobs()), desc="benchmark", unit="run", disable=args.quiet)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.set_postfix_str(stage)
+
+    result = run_benchmark(config, args.out, progress=progress)
+    bar.close()
+    print(result.table)
+    for failure in iter_failures(result.records):
+        print(f"failed: {failure}", file=sys.stderr)
+    print(f"results appended to {result.jsonl_path} and {result.csv_path}; tables in {result.summary_path}")
+    return EXIT_SOME_FAILED if result.failures else EXIT_OK
 
 
 def _fmt(value: float | None) -> str:
@@ -224,18 +294,38 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--blur-sigma", type=float, default=4.0, help="Gaussian blur of anomaly maps (pixels)")
     fit.add_argument("--target-fpr", type=float, default=0.01, help="normal images allowed above the threshold")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--pool-size", type=int, default=1, help="average pooling of patch scores before upsampling (1 = none)")
+    fit.add_argument("--tile-size", type=int, help="cut images into overlapping tiles of this side at full resolution")
+    fit.add_argument("--tile-overlap", type=int, default=32, help="pixels shared by neighbouring tiles (default 32)")
     patchcore = fit.add_argument_group("patchcore")
     patchcore.add_argument("--coreset-ratio", type=float, help="fraction of patches kept (default 0.1)")
     patchcore.add_argument("--num-neighbors", type=int, help="k nearest neighbours per patch score (default 1)")
     patchcore.add_argument("--projection-dim", type=int, help="random projection for coreset selection (128)")
     patchcore.add_argument("--reweight", action="store_true", help="paper's image-score reweighting")
     patchcore.add_argument("--chunk-size", type=int, help="most query x bank distances held at once")
+    sequential = fit.add_argument_group("sequential_patchcore")
+    sequential.add_argument("--coreset-size", type=int, help="M, memory-bank vectors of the streaming coreset (10000)")
+    sequential.add_argument("--epochs", type=int, help="most passes over the training data (default 3)")
+    sequential.add_argument("--augmentation", help="augmentation of epochs after the first: preset (light, autovi, "
+                            "sequential) or a JSON list of steps (or a file holding one)")
+    sequential.add_argument("--init", metavar="MODEL", help="start from this model's memory bank (fine-tuning)")
     padim = fit.add_argument_group("padim")
     padim.add_argument("--covariance", choices=COVARIANCE_MODELS, help="full (default), tied or global")
     padim.add_argument("--reduction", choices=REDUCTIONS, help="random (default) or negated_pca")
     padim.add_argument("--reduced-dim", type=int, help="channels kept (default 100)")
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     fit.set_defaults(handler=cmd_fit)
+
+    meld = commands.add_parser("meld", help="merge the coresets of models with the same features (no images)")
+    meld.add_argument("models", nargs="+", metavar="MODEL", help="model files (patchcore or sequential_patchcore)")
+    meld.add_argument("--size", type=int, required=True, help="M, vectors in the merged coreset")
+    meld.add_argument("--out", required=True, help="model file to write")
+    meld.add_argument("--epochs", type=int, default=10, help="most passes over the union of the coresets")
+    meld.add_argument("--seed", type=int, default=0)
+    meld.add_argument("--calibrate", metavar="FOLDER", help="set the threshold from these held-out normal images "
+                      "(default: the largest of the models' thresholds)")
+    meld.add_argument("-q", "--quiet", action="store_true")
+    meld.set_defaults(handler=cmd_meld)
 
     predict = commands.add_parser("predict", help="inspect images with a model")
     predict.add_argument("--model", required=True)
@@ -245,12 +335,27 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("-q", "--quiet", action="store_true")
     predict.set_defaults(handler=cmd_predict)
 
-    evaluate = commands.add_parser("evaluate", help="measure a model on a labelled test set")
-    evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--data", required=True, help="category root with test/ and ground_truth/")
+    evaluate = commands.add_parser("evaluate", help="measure a model, or anomaly maps of any program, on a labelled test set")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model file written by `defectlens fit`")
+    source.add_argument("--maps", metavar="MAPS_DIR", help="anomaly maps of any program, one float TIFF (or .npy) per "
+                        "test image: MAPS_DIR/test/<defect>/<stem>.tiff, each the size of its image")
+    evaluate.add_argument("--data", required=True, help="category root with test/ and ground_truth/ "
+                          "(MVTec AD, MVTec LOCO AD and AutoVI layouts are recognized)")
+    evaluate.add_argument("--scores", help="with --maps: image scores, JSON {relative_path: score} or CSV path,score "
+                          "(default: each map's maximum)")
     evaluate.add_argument("--json", help="write the report as JSON here")
+    evaluate.add_argument("--markdown", metavar="OUT.md", help="write a Markdown summary here")
+    evaluate.add_argument("--report", metavar="DIR", help="write a self-contained HTML report to DIR/index.html")
     evaluate.add_argument("-q", "--quiet", action="store_true")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    benchmark = commands.add_parser("benchmark", help="fit and evaluate every method x backbone x category x seed of a config")
+    benchmark.add_argument("--config", required=True, help="benchmark config, JSON or TOML (see benchmarks/*.json)")
+    benchmark.add_argument("--out", default="benchmarks/results", help="results.jsonl and results.csv are appended "
+                           "here, and a summary-<run>.md written (default: benchmarks/results)")
+    benchmark.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    benchmark.set_defaults(handler=cmd_benchmark)
 
     synth = commands.add_parser("synth", help="make a test set with synthetic defects from good images")
     synth.add_argument("--data", required=True, help="folder of good images (or MVTec root: train/good)")
@@ -259,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(handler=cmd_synth)
+
+    add_serve_parser(commands)
 
     demo = commands.add_parser("demo", help="fit and evaluate on a small data set built offline")
     demo.add_argument("--out", default="demo_output")

@@ -89,7 +89,8 @@ def decode_image_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         if name.lower().endswith((".tif", ".tiff")):
             return _decode_tiff(data, name, error)
-        raise ImageReadError(name, f"not a readable image ({error.__class__.__name__}: {error})") from None
+        detail = "unknown or unsupported format" if isinstance(error, UnidentifiedImageError) else str(error)
+        raise ImageReadError(name, f"not a readable image ({detail})") from None
     return _to_float_rgb(pixels, name)
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.covariance import ledoit_wolf
 
 
 def shrunk_covariance(centered: np.ndarray) -> np.ndarray:
     """Ledoit-Wolf shrinkage covariance (D, D) of already centred samples (n, D), float64."""
+    from sklearn.covariance import ledoit_wolf  # imported here: sklearn costs ~1 s at start-up
+
     covariance, _ = ledoit_wolf(np.asarray(centered, dtype=np.float64), assume_centered=True)
     return covariance
 
