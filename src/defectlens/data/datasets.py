@@ -1,7 +1,14 @@
-"""Data sets on disk: MVTec AD category layout and plain folders of images.
+"""Data sets on disk: MVTec AD, MVTec LOCO AD and AutoVI category layouts, plain folders.
 
 An MVTec AD category root holds ``train/good``, ``test/<defect>/`` and
 ``ground_truth/<defect>/<stem>_mask.png``; ``good`` test images have no mask.
+
+MVTec LOCO AD and AutoVI keep one *folder* of ground-truth channels per defective image,
+``ground_truth/<defect>/<stem>/<k>.png`` (one channel per defect, non-zero value = the
+defect type's ``pixel_value``), and a ``defects_config.json`` at the category root that the
+sPRO metric needs. LOCO's defect folders are ``logical_anomalies`` and
+``structural_anomalies``; AutoVI's are named after the defect (``fastening``, ...).
+:func:`open_dataset` tells the layouts apart.
 """
 
 from __future__ import annotations
@@ -18,12 +25,17 @@ GOOD = "good"
 
 @dataclass(frozen=True)
 class Sample:
-    """One test image: its path, label (0 good, 1 defective), defect type and mask path."""
+    """One test image: its path, label (0 good, 1 defective), defect type and mask path.
+
+    ``channel_dir`` is set instead of ``mask_path`` for LOCO-style ground truth: the folder
+    of the image's defect channels (``<k>.png``); the pixel mask is their union.
+    """
 
     path: Path
     label: int
     defect_type: str
     mask_path: Path | None
+    channel_dir: Path | None = None
 
 
 def list_images(folder: PathLike) -> list[Path]:
@@ -105,3 +117,113 @@ class ImageFolder:
         if not samples:
             raise DatasetError(f"no images in {self.root}")
         return samples
+
+
+DEFECTS_CONFIG = "defects_config.json"
+LOCO_DEFECT_FOLDERS = ("logical_anomalies", "structural_anomalies")
+
+
+class _ChannelDataset:
+    """A category whose ground truth is a folder of channels per defective image."""
+
+    kind = "channels"
+
+    def __init__(self, root: PathLike, require_config: bool) -> None:
+        self.root = Path(root)
+        if not (self.root / "test").is_dir():
+            raise DatasetError(f"{self.root} is not a category root (no test/ folder)")
+        config = self.root / DEFECTS_CONFIG
+        if require_config and not config.is_file():
+            raise DatasetError(f"{self.root}: {DEFECTS_CONFIG} is missing (needed for sPRO)")
+        self.defects_config: Path | None = config if config.is_file() else None
+        self.name = self.root.name
+
+    def train_images(self) -> list[Path]:
+        return training_images(self.root)
+
+    def validation_images(self) -> list[Path]:
+        """``validation/good`` images (LOCO ships them); empty when there is none."""
+        folder = self.root / "validation" / GOOD
+        return list_images(folder) if folder.is_dir() else []
+
+    def test_samples(self) -> list[Sample]:
+        samples: list[Sample] = []
+        for defect_dir in sorted(p for p in (self.root / "test").iterdir() if p.is_dir()):
+            defect_type = defect_dir.name
+            for image_path in list_images(defect_dir):
+                if defect_type == GOOD:
+                    samples.append(Sample(image_path, 0, GOOD, None))
+                    continue
+                channel_dir = self.root / "ground_truth" / defect_type / image_path.stem
+                if not channel_dir.is_dir():
+                    raise DatasetError(f"no ground truth for {image_path}: folder {channel_dir} is missing")
+                samples.append(Sample(image_path, 1, defect_type, None, channel_dir))
+        if not samples:
+            raise DatasetError(f"no test images under {self.root / 'test'}")
+        return samples
+
+
+class MVTecLOCO(_ChannelDataset):
+    """A MVTec LOCO AD category: ``test/{good,logical_anomalies,structural_anomalies}``,
+    ``ground_truth/<type>/<stem>/<k>.png`` channels and ``defects_config.json``.
+
+    The evaluation reports logical and structural anomalies separately (each against all
+    good images) and together.
+    """
+
+    kind = "mvtec_loco"
+
+    def __init__(self, root: PathLike) -> None:
+        super().__init__(root, require_config=True)
+
+
+class AutoVI(_ChannelDataset):
+    """An AutoVI category (Renault, 2024): LOCO-like - ``test/<good|defect>/*.png``,
+    ``ground_truth/<defect>/<stem>/<k>.png`` channels, ``defects_config.json`` at the root.
+
+    Without ``defects_config.json`` the data set still loads (pixel metrics use the union of
+    the channels) but sPRO cannot be computed.
+    """
+
+    kind = "autovi"
+
+    def __init__(self, root: PathLike) -> None:
+        super().__init__(root, require_config=False)
+
+
+def _has_channel_folders(root: Path) -> bool:
+    """True when ``ground_truth/<defect>/`` holds folders (LOCO style) rather than masks."""
+    truth = root / "ground_truth"
+    if not truth.is_dir():
+        return False
+    for defect_dir in truth.iterdir():
+        if defect_dir.is_dir():
+            for entry in defect_dir.iterdir():
+                return entry.is_dir()
+    return False
+
+
+def open_dataset(root: PathLike) -> MVTecAD | MVTecLOCO | AutoVI | ImageFolder:
+    """Open a labelled test set, recognizing its layout.
+
+    * ``defects_config.json`` and ``test/logical_anomalies`` or ``test/structural_anomalies``
+      -> :class:`MVTecLOCO`;
+    * ``defects_config.json`` or channel folders in ``ground_truth/<defect>/<stem>/`` ->
+      :class:`AutoVI`;
+    * a ``test/`` folder -> :class:`MVTecAD` (also PIPED and other data in that layout);
+    * otherwise a folder of images (``good/`` and defect subfolders) -> :class:`ImageFolder`.
+
+    Raises:
+        DatasetError: ``root`` is not a folder.
+    """
+    directory = Path(root)
+    if not directory.is_dir():
+        raise DatasetError(f"data set folder not found: {directory}")
+    if (directory / "test").is_dir():
+        has_config = (directory / DEFECTS_CONFIG).is_file()
+        if has_config and any((directory / "test" / name).is_dir() for name in LOCO_DEFECT_FOLDERS):
+            return MVTecLOCO(directory)
+        if has_config or _has_channel_folders(directory):
+            return AutoVI(directory)
+        return MVTecAD(directory)
+    return ImageFolder(directory)
