@@ -8,10 +8,12 @@ from defectlens.errors import ConfigError
 from defectlens.methods.base import AnomalyMethod
 from defectlens.methods.padim import Padim
 from defectlens.methods.patchcore import PatchCore
+from defectlens.methods.sequential_patchcore import SequentialPatchCore
 
 METHODS: dict[str, type[AnomalyMethod]] = {
     PatchCore.name: PatchCore,
     Padim.name: Padim,
+    SequentialPatchCore.name: SequentialPatchCore,
 }
 
 
@@ -25,4 +27,4 @@ def build_method(name: str, **options: Any) -> AnomalyMethod:
         raise ConfigError(f"bad option for method {name!r}: {error}") from None
 
 
-__all__ = ["METHODS", "AnomalyMethod", "Padim", "PatchCore", "build_method"]
+__all__ = ["METHODS", "AnomalyMethod", "Padim", "PatchCore", "SequentialPatchCore", "build_method"]

@@ -70,14 +70,17 @@ class PatchCore(AnomalyMethod):
             "seed": self.seed,
         }
 
-    def fit(self, features: torch.Tensor) -> None:
+    def fit(self, features: torch.Tensor, image_index: torch.Tensor | None = None) -> None:
+        """Greedy coreset of features (N, C, h, w); ``image_index`` (N,): the training image each
+        sample came from (tiles of one image share it; default: sample i is image i)."""
         patches = flatten_patches(features)
         patches_per_image = features.shape[2] * features.shape[3]
         selected = greedy_coreset(
             patches, coreset_size(patches.shape[0], self.coreset_ratio), self.projection_dim, self.seed
         )
         index = torch.from_numpy(np.sort(selected))
-        self.set_bank(patches[index].contiguous(), index // patches_per_image)
+        sample = index // patches_per_image
+        self.set_bank(patches[index].contiguous(), sample if image_index is None else image_index.to(torch.int64)[sample])
 
     def set_bank(self, memory_bank: torch.Tensor, bank_image_index: torch.Tensor) -> None:
         """Install a memory bank (M, C) and the training image each row came from (M,)."""
@@ -128,11 +131,22 @@ class PatchCore(AnomalyMethod):
 
     def held_out_patch_scores(self, features: torch.Tensor, image_indices: torch.Tensor) -> torch.Tensor:
         """Leave-one-image-out: score each chosen training image without its own bank patches."""
+        return self.leave_one_out_patch_scores(features[image_indices], image_indices)
+
+    def leave_one_out_patch_scores(self, features: torch.Tensor, image_indices: torch.Tensor) -> torch.Tensor:
+        """Patch scores (n, h, w) of training samples (n, C, h, w) - images or tiles - each
+        scored without the bank patches of the training image it came from, image_indices (n,)."""
+        indices = image_indices.tolist()
         scores = []
-        for image_index in image_indices.tolist():
-            excluded = self.bank_image_index == image_index
-            scores.append(self._patch_distances(features[image_index : image_index + 1], excluded))
-        return torch.cat(scores)
+        start = 0
+        while start < len(indices):
+            stop = start + 1
+            while stop < len(indices) and indices[stop] == indices[start]:
+                stop += 1  # consecutive samples of one image share the exclusion
+            excluded = self.bank_image_index == indices[start]
+            scores.append(self._patch_distances(features[start:stop], excluded))
+            start = stop
+        return torch.cat(scores) if scores else features.new_empty((0, *features.shape[2:]))
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"memory_bank": self.memory_bank, "bank_image_index": self.bank_image_index}

@@ -32,7 +32,10 @@ Bookkeeping, all on ``device``:
 * the dense matrix of squared pairwise distances (M, M), +inf on the diagonal and in the
   rows/columns of slots not filled yet;
 * per row its nearest neighbour (squared distance and index, first index on ties), so the
-  closest pair is one ``argmin`` over M values.
+  closest pair is one ``argmin`` over M values;
+* optionally (``track_origin=True``) an int64 payload per row, ``origin`` (M,): the caller's
+  label of where the vector came from (Sequential PatchCore stores the training image index,
+  for leave-one-image-out calibration). It moves with its vector and never changes the result.
 
 A replacement in slot r rewrites row and column r of the matrix and the nearest neighbours
 in O(M) (rows whose nearest neighbour was the old vector r are re-scanned, O(M) each).
@@ -105,6 +108,7 @@ class StreamingCoreset:
         dtype: float dtype of features and distances (float32 by default).
         chunk_size: patches per distance block in ``update`` (C); ``None`` picks C so that a
             (C, M) block holds about 4 M values. Changes memory and speed, never the result.
+        track_origin: keep an int64 label per vector (``origin``; -1 where none was given).
 
     Memory: the (M, M) distance matrix dominates, M^2 * itemsize bytes (1.6 GB for M = 20000
     in float32), allocated at construction; see ``memory_bytes``.
@@ -117,6 +121,7 @@ class StreamingCoreset:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         chunk_size: int | None = None,
+        track_origin: bool = False,
     ) -> None:
         if int(size) < 1:
             raise ConfigError(f"coreset size must be >= 1, got {size}")
@@ -141,6 +146,7 @@ class StreamingCoreset:
         self._nn_val = torch.full((m,), math.inf, dtype=dtype, device=self.device)
         self._nn_idx = torch.zeros(m, dtype=torch.int64, device=self.device)
         self._closest = 0  # row of the closest pair (argmin of _nn_val)
+        self.origin = torch.full((m,), -1, dtype=torch.int64, device=self.device) if track_origin else None
         self.num_seen = 0
         self.num_inserted = 0
         self.num_replaced = 0
@@ -175,11 +181,19 @@ class StreamingCoreset:
     def memory_bytes(self) -> int:
         """Bytes held by the state (features, norms, distance matrix, nearest neighbours)."""
         tensors = (self.features, self._sq, self._dist, self._nn_val, self._nn_idx)
+        if self.origin is not None:
+            tensors += (self.origin,)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def coreset(self) -> torch.Tensor:
         """The filled rows of ``features``, (count, D) (a view)."""
         return self.features[: self.count]
+
+    def coreset_origin(self) -> torch.Tensor:
+        """The labels (count,) int64 of the filled rows (needs ``track_origin=True``)."""
+        if self.origin is None:
+            raise ConfigError("this coreset does not track origins (create it with track_origin=True)")
+        return self.origin[: self.count]
 
     def distances_to(self, patches: torch.Tensor) -> torch.Tensor:
         """Distance (B,) from each patch (B, D) to its nearest coreset vector (chunked)."""
@@ -195,8 +209,11 @@ class StreamingCoreset:
         return out.clamp_(min=0).sqrt_()
 
     # ------------------------------------------------------------------ streaming
-    def update(self, patches: torch.Tensor) -> int:
+    def update(self, patches: torch.Tensor, origin: torch.Tensor | None = None) -> int:
         """Stream patches (B, D) through the coreset, row by row in order.
+
+        ``origin`` (B,) int64 labels the patches (kept with the vectors that enter; only with
+        ``track_origin=True``; default -1).
 
         Returns:
             The number of changes: insertions while the coreset fills up plus replacements.
@@ -204,6 +221,7 @@ class StreamingCoreset:
         """
         patches = self._check(patches)
         total = patches.shape[0]
+        labels = self._check_origin(origin, total)
         self.num_seen += total
         changes = 0
         start = 0
@@ -211,14 +229,15 @@ class StreamingCoreset:
             chunk = patches[start : start + self.chunk_size]
             novel = torch.nonzero(self._novel(chunk)).squeeze(1)[: self.size - self.count]
             if novel.numel():
-                self._append(chunk[novel])
+                self._append(chunk[novel], None if labels is None else labels[start : start + self.chunk_size][novel])
                 changes += novel.numel()
                 self.num_inserted += novel.numel()
             start += int(novel[-1]) + 1 if self.count == self.size else chunk.shape[0]
         if self.size < 2:  # no pair, nothing can ever be replaced
             return changes
         for chunk_start in range(start, total, self.chunk_size):
-            replaced = self._update_chunk(patches[chunk_start : chunk_start + self.chunk_size])
+            chunk_labels = None if labels is None else labels[chunk_start : chunk_start + self.chunk_size]
+            replaced = self._update_chunk(patches[chunk_start : chunk_start + self.chunk_size], chunk_labels)
             changes += replaced
             self.num_replaced += replaced
         return changes
@@ -230,6 +249,18 @@ class StreamingCoreset:
             raise ConfigError(f"patches must have shape (B, {self.dim}), got {tuple(patches.shape)}")
         return patches.to(device=self.device, dtype=self.dtype)
 
+    def _check_origin(self, origin: torch.Tensor | None, total: int) -> torch.Tensor | None:
+        if self.origin is None:
+            if origin is not None:
+                raise ConfigError("origin labels given to a coreset created without track_origin=True")
+            return None
+        if origin is None:
+            return torch.full((total,), -1, dtype=torch.int64, device=self.device)
+        origin = torch.as_tensor(origin).to(device=self.device, dtype=torch.int64).reshape(-1)
+        if origin.shape[0] != total:
+            raise ConfigError(f"origin has {origin.shape[0]} labels for {total} patches")
+        return origin
+
     def _novel(self, chunk: torch.Tensor) -> torch.Tensor:
         """Bool (C,): rows that duplicate neither a coreset vector nor an earlier row."""
         chunk_sq = (chunk * chunk).sum(1)
@@ -240,10 +271,12 @@ class StreamingCoreset:
             duplicate |= (bank == 0).any(1)
         return ~duplicate
 
-    def _append(self, new: torch.Tensor) -> None:
+    def _append(self, new: torch.Tensor, new_origin: torch.Tensor | None = None) -> None:
         """Fill slots count .. count + len(new) - 1 and their rows/columns of the matrix."""
         first, last = self.count, self.count + new.shape[0]
         self.features[first:last] = new
+        if self.origin is not None and new_origin is not None:
+            self.origin[first:last] = new_origin
         self._sq[first:last] = (new * new).sum(1)
         step = self.chunk_size
         for s in range(first, last, step):
@@ -265,7 +298,7 @@ class StreamingCoreset:
         self.count = last
         self._closest = int(self._nn_val.argmin())
 
-    def _update_chunk(self, chunk: torch.Tensor) -> int:
+    def _update_chunk(self, chunk: torch.Tensor, chunk_origin: torch.Tensor | None = None) -> int:
         """Apply the replacement rule to each row of ``chunk`` (C, D) in order (coreset full)."""
         chunk_sq = (chunk * chunk).sum(1)
         to_bank = squared_distances(chunk, self.features, chunk_sq, self._sq)  # (C, M), kept current
@@ -286,6 +319,8 @@ class StreamingCoreset:
             row = to_bank[i].clone()
             row[slot] = math.inf
             self._replace(slot, chunk[i], chunk_sq[i], row)
+            if chunk_origin is not None:
+                self.origin[slot] = chunk_origin[i]
             replaced += 1
             pos = i + 1
             if pos < n:
@@ -345,11 +380,15 @@ class StreamingCoreset:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain tensors: ``features`` (M, D) (rows >= count are zero) and ``count`` (int64)."""
-        return {
+        """Plain tensors: ``features`` (M, D) (rows >= count are zero) and ``count`` (int64);
+        with ``track_origin`` also ``origin`` (M,)."""
+        state = {
             "features": self.features.detach().cpu().clone(),
             "count": torch.tensor(self.count, dtype=torch.int64),
         }
+        if self.origin is not None:
+            state["origin"] = self.origin.detach().cpu().clone()
+        return state
 
     @classmethod
     def from_state(
@@ -366,9 +405,13 @@ class StreamingCoreset:
             raise ConfigError(
                 f"coreset state has features {tuple(features.shape)} and count {count}"
             )
-        out = cls(features.shape[0], features.shape[1], device, dtype or features.dtype, chunk_size)
+        origin = state.get("origin")
+        out = cls(
+            features.shape[0], features.shape[1], device, dtype or features.dtype, chunk_size, origin is not None
+        )
         if count:
-            out._append(features[:count].to(device=out.device, dtype=out.dtype))
+            labels = None if origin is None else origin[:count].to(device=out.device, dtype=torch.int64)
+            out._append(features[:count].to(device=out.device, dtype=out.dtype), labels)
         return out
 
 
@@ -379,6 +422,7 @@ def meld(
     max_epochs: int = 10,
     device: str | torch.device | None = None,
     chunk_size: int | None = None,
+    origins: Sequence[torch.Tensor | None] | None = None,
 ) -> StreamingCoreset:
     """Merge coresets built on different data (or machines) into one of ``size`` vectors.
 
@@ -386,14 +430,22 @@ def meld(
     random order, epoch after epoch, until an epoch replaces nothing or ``max_epochs`` is
     reached. No image is needed. Tensors (N, D) are taken as they are.
 
+    ``origins``: optional labels (N_i,) per input (None: the coreset's own ``origin`` if it
+    tracks one, else -1); when given, the merged coreset tracks them.
+
     Returns:
         The merged coreset (on ``device``, default that of the first coreset, else CPU).
     """
     parts: list[torch.Tensor] = []
+    labels: list[torch.Tensor | None] = []
     dtype: torch.dtype | None = None
-    for item in coresets:
+    if origins is not None and len(origins) != len(coresets):
+        raise ConfigError(f"meld got {len(origins)} origin tensors for {len(coresets)} coresets")
+    for position, item in enumerate(coresets):
+        given = None if origins is None else origins[position]
         if isinstance(item, StreamingCoreset):
             parts.append(item.coreset().detach().cpu())
+            labels.append(given if given is not None or item.origin is None else item.coreset_origin().cpu())
             device = item.device if device is None else device
             dtype = dtype or item.dtype
         else:
@@ -401,6 +453,7 @@ def meld(
             if tensor.ndim != 2:
                 raise ConfigError(f"meld takes (N, D) tensors, got shape {tuple(tensor.shape)}")
             parts.append(tensor.detach().cpu())
+            labels.append(given)
     if not parts:
         raise ConfigError("meld needs at least one coreset")
     dims = {p.shape[1] for p in parts}
@@ -413,9 +466,19 @@ def meld(
         raise ConfigError("meld got only empty coresets")
     order = torch.randperm(union.shape[0], generator=torch.Generator().manual_seed(seed))
     union = union[order]
-    merged = StreamingCoreset(size, union.shape[1], device or "cpu", dtype, chunk_size)
-    merged.update(union)
+    tracked = any(label is not None for label in labels)
+    union_origin = None
+    if tracked:
+        filled = []
+        for part, label in zip(parts, labels):
+            label = torch.full((part.shape[0],), -1, dtype=torch.int64) if label is None else torch.as_tensor(label)
+            if label.numel() != part.shape[0]:
+                raise ConfigError(f"meld got {label.numel()} origin labels for {part.shape[0]} vectors")
+            filled.append(label.reshape(-1).to(torch.int64).cpu())
+        union_origin = torch.cat(filled)[order]
+    merged = StreamingCoreset(size, union.shape[1], device or "cpu", dtype, chunk_size, tracked)
+    merged.update(union, union_origin)
     for _ in range(max_epochs - 1):
-        if merged.update(union) == 0:
+        if merged.update(union, union_origin) == 0:
             break
     return merged
