@@ -66,6 +66,15 @@ def training_images(source: PathLike) -> list[Path]:
     return images
 
 
+def _test_images(root: Path) -> list[tuple[str, Path]]:
+    """(defect type, image path) of every image under ``root/test/<type>/``, sorted."""
+    return [
+        (defect_dir.name, image_path)
+        for defect_dir in sorted(p for p in (root / "test").iterdir() if p.is_dir())
+        for image_path in list_images(defect_dir)
+    ]
+
+
 class MVTecAD:
     """An MVTec AD category (also PIPED and any data set in the same layout)."""
 
@@ -80,14 +89,12 @@ class MVTecAD:
 
     def test_samples(self) -> list[Sample]:
         samples: list[Sample] = []
-        for defect_dir in sorted(p for p in (self.root / "test").iterdir() if p.is_dir()):
-            defect_type = defect_dir.name
-            for image_path in list_images(defect_dir):
-                if defect_type == GOOD:
-                    samples.append(Sample(image_path, 0, GOOD, None))
-                    continue
-                mask_path = self.root / "ground_truth" / defect_type / f"{image_path.stem}_mask.png"
-                samples.append(Sample(image_path, 1, defect_type, mask_path if mask_path.exists() else None))
+        for defect_type, image_path in _test_images(self.root):
+            if defect_type == GOOD:
+                samples.append(Sample(image_path, 0, GOOD, None))
+                continue
+            mask_path = self.root / "ground_truth" / defect_type / f"{image_path.stem}_mask.png"
+            samples.append(Sample(image_path, 1, defect_type, mask_path if mask_path.exists() else None))
         if not samples:
             raise DatasetError(f"no test images under {self.root / 'test'}")
         return samples
@@ -148,16 +155,14 @@ class _ChannelDataset:
 
     def test_samples(self) -> list[Sample]:
         samples: list[Sample] = []
-        for defect_dir in sorted(p for p in (self.root / "test").iterdir() if p.is_dir()):
-            defect_type = defect_dir.name
-            for image_path in list_images(defect_dir):
-                if defect_type == GOOD:
-                    samples.append(Sample(image_path, 0, GOOD, None))
-                    continue
-                channel_dir = self.root / "ground_truth" / defect_type / image_path.stem
-                if not channel_dir.is_dir():
-                    raise DatasetError(f"no ground truth for {image_path}: folder {channel_dir} is missing")
-                samples.append(Sample(image_path, 1, defect_type, None, channel_dir))
+        for defect_type, image_path in _test_images(self.root):
+            if defect_type == GOOD:
+                samples.append(Sample(image_path, 0, GOOD, None))
+                continue
+            channel_dir = self.root / "ground_truth" / defect_type / image_path.stem
+            if not channel_dir.is_dir():
+                raise DatasetError(f"no ground truth for {image_path}: folder {channel_dir} is missing")
+            samples.append(Sample(image_path, 1, defect_type, None, channel_dir))
         if not samples:
             raise DatasetError(f"no test images under {self.root / 'test'}")
         return samples

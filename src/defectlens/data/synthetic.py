@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 
 from defectlens.data.images import as_float_rgb, read_image, save_png
-from defectlens.data.transforms import SeedLike, as_generator
+from defectlens.data.transforms import SeedLike, as_generator, check_range
 from defectlens.errors import ConfigError, DatasetError, ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -102,17 +102,6 @@ def finalize_anomaly(
 def _prepare(image: np.ndarray) -> np.ndarray:
     """Our image convention, as a private copy."""
     return as_float_rgb(np.asarray(image)).copy()
-
-
-def _check_pair(name: str, value: Sequence[float], low: float, high: float | None = None) -> Pair:
-    try:
-        first, second = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a pair (min, max), got {value!r}") from None
-    if not (low <= first <= second) or (high is not None and second > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(f"{name} must satisfy min <= max within {bound}, got {value!r}")
-    return first, second
 
 
 def _check_instances(min_instances: int, max_instances: int) -> None:
@@ -280,7 +269,7 @@ def confetti_noise(
     original = _prepare(image)
     generator = as_generator(rng)
     _check_instances(min_instances, max_instances)
-    low, high = _check_pair("size_range", size_range, 0.0, 1.0)
+    low, high = check_range("size_range", size_range, 0.0, 1.0)
     if shape not in ("rectangle", "blob", "mixed"):
         raise ConfigError(f"confetti shape must be 'rectangle', 'blob' or 'mixed', got {shape!r}")
     height, width = original.shape[:2]
@@ -365,8 +354,8 @@ def stain_noise(
     original = _prepare(image)
     generator = as_generator(rng)
     _check_instances(min_instances, max_instances)
-    size_low, size_high = _check_pair("size_range", size_range, 0.0, 1.0)
-    aspect_low, aspect_high = _check_pair("aspect_range", aspect_range, 0.0, 1.0)
+    size_low, size_high = check_range("size_range", size_range, 0.0, 1.0)
+    aspect_low, aspect_high = check_range("aspect_range", aspect_range, 0.0, 1.0)
     if not 0.0 <= irregularity < 1.0 or harmonics < 2:
         raise ConfigError(
             f"stain: need 0 <= irregularity < 1 and harmonics >= 2, got {irregularity!r}, {harmonics!r}"
@@ -472,7 +461,7 @@ def perlin_anomaly(
     low_exp, high_exp = (int(v) for v in scale_exponent_range)
     if not 0 <= low_exp <= high_exp <= 10:
         raise ConfigError(f"perlin: scale_exponent_range must be 0 <= min <= max <= 10, got {scale_exponent_range!r}")
-    beta_low, beta_high = _check_pair("beta_range", beta_range, 0.0, 1.0)
+    beta_low, beta_high = check_range("beta_range", beta_range, 0.0, 1.0)
     if not -1.0 < threshold < 1.0:
         raise ConfigError(f"perlin: threshold must be in (-1, 1), got {threshold!r}")
     height, width = original.shape[:2]
@@ -546,9 +535,9 @@ def water_stain(
     generator = as_generator(rng)
     height, width = original.shape[:2]
     grid = float(cell_size) if cell_size is not None else max(8.0, min(height, width) / 3.0)
-    r_low, r_high = _check_pair("radius_range", radius_range, 0.0, 1.0)
-    g_low, g_high = _check_pair("gamma_range", gamma_range, 0.0)
-    a_low, a_high = _check_pair("alpha_range", alpha_range, 0.0, 1.0)
+    r_low, r_high = check_range("radius_range", radius_range, 0.0, 1.0)
+    g_low, g_high = check_range("gamma_range", gamma_range, 0.0)
+    a_low, a_high = check_range("alpha_range", alpha_range, 0.0, 1.0)
     if grid < 2:
         raise ConfigError(f"water_stain: cell_size must be >= 2 pixels, got {cell_size!r}")
     if not 0.0 <= perlin_amplitude < 1.0 or r_high * (1.0 + perlin_amplitude) >= 1.0:

@@ -78,7 +78,7 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
-def _check_range(name: str, value: Sequence[float], low: float, high: float | None = None) -> tuple[float, float]:
+def check_range(name: str, value: Sequence[float], low: float, high: float | None = None) -> tuple[float, float]:
     """Validate a (min, max) pair within [low, high]; return it as a tuple of floats."""
     try:
         first, second = (float(v) for v in value)
@@ -169,7 +169,7 @@ class BrightnessContrast(AugmentationStep):
         super().__post_init__()
         if not 0.0 <= float(self.brightness) <= 1.0:
             raise ConfigError(f"brightness_contrast: brightness must be in [0, 1], got {self.brightness!r}")
-        object.__setattr__(self, "contrast_range", _check_range("contrast_range", self.contrast_range, 0.0))
+        object.__setattr__(self, "contrast_range", check_range("contrast_range", self.contrast_range, 0.0))
 
     def transform(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         contrast = float(rng.uniform(*self.contrast_range))
@@ -207,7 +207,7 @@ class GaussianBlur(AugmentationStep):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        low, high = _check_range("sigma_range", self.sigma_range, 0.0)
+        low, high = check_range("sigma_range", self.sigma_range, 0.0)
         if low <= 0.0:
             raise ConfigError(f"gaussian_blur: sigma_range must be > 0, got {self.sigma_range!r}")
         object.__setattr__(self, "sigma_range", (low, high))
@@ -229,7 +229,7 @@ class GaussianNoise(AugmentationStep):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "variance_range", _check_range("variance_range", self.variance_range, 0.0))
+        object.__setattr__(self, "variance_range", check_range("variance_range", self.variance_range, 0.0))
 
     def transform(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         sigma = math.sqrt(float(rng.uniform(*self.variance_range))) / 255.0
@@ -252,8 +252,8 @@ class RandomErasing(AugmentationStep):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "area_range", _check_range("area_range", self.area_range, 0.0, 1.0))
-        low, high = _check_range("aspect_range", self.aspect_range, 0.0)
+        object.__setattr__(self, "area_range", check_range("area_range", self.area_range, 0.0, 1.0))
+        low, high = check_range("aspect_range", self.aspect_range, 0.0)
         if low <= 0.0:
             raise ConfigError(f"random_erasing: aspect_range must be > 0, got {self.aspect_range!r}")
         object.__setattr__(self, "aspect_range", (low, high))
