@@ -159,7 +159,7 @@ def test_benchmark_failure_is_recorded_not_fatal(tmp_path: Path) -> None:
         file.write_bytes(b"not a png")
     config = load_config(tiny_config(tmp_path, methods=["padim"], seeds=[0]))
     records = list(execute_jobs(config.jobs(), "inline"))
-    assert records[0]["status"] == "error" and "ImageReadError" in records[0]["error"]
+    assert records[0]["status"] == "error" and "ImageFormatError: cannot read image" in records[0]["error"]
 
 
 @pytest.mark.slow
