@@ -149,7 +149,7 @@ def main() -> None:
                 results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
     print()
-    print(f"| method | images | peak RSS (MiB) | fit (s) | features (s) | method (s) | calibration (s) | coreset |")
+    print("| method | images | peak RSS (MiB) | fit (s) | features (s) | method (s) | calibration (s) | coreset |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in results:
         if "peak_rss_mib" not in row:

@@ -107,7 +107,7 @@ def part_auroc(args: argparse.Namespace, data: Path) -> dict:
 
 def part_meld(args: argparse.Namespace, data: Path) -> dict:
     from defectlens.data.datasets import training_images
-    from defectlens.detector import meld_detectors
+    from defectlens.meld import meld_detectors
 
     category = data / "mvtec_ad" / "transistor"
     images = training_images(category)

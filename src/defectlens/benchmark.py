@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from defectlens import __version__
+from defectlens._version import __version__
 from defectlens.errors import ConfigError, DatasetError
 
 ProgressCallback = Callable[[str, int, int], None]

@@ -54,11 +54,11 @@ def build_demo_dataset(root: Path, seed: int = 0, train_count: int = 40, test_go
 
 def run_demo(out: Path, quiet: bool = False) -> int:
     """Build the data, fit, evaluate, write heat maps; print where everything is. Returns 0."""
-    from defectlens.cli import ProgressBars
     from defectlens.data.datasets import MVTecAD
     from defectlens.detector import Detector
     from defectlens.evaluation import evaluate
-    from defectlens.visualize import mask_image, overlay_heatmap
+    from defectlens.outputs import ResultsWriter
+    from defectlens.progress import ProgressBars
 
     out.mkdir(parents=True, exist_ok=True)
     data_root = build_demo_dataset(out / "data" / "bricks")
@@ -70,21 +70,19 @@ def run_demo(out: Path, quiet: bool = False) -> int:
     report = evaluate(detector, MVTecAD(data_root), progress=progress)
     progress.close()
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float), encoding="utf-8")
-    heatmap_dir = out / "heatmaps"
-    samples = MVTecAD(data_root).test_samples()
-    with open(out / "results.jsonl", "w", encoding="utf-8") as results:
-        for sample, image, prediction in detector.iter_predictions([s.path for s in samples]):
-            name = f"{Path(sample).parent.name}_{Path(sample).stem}"
-            save_png(heatmap_dir / f"{name}_heatmap.png", overlay_heatmap(image, prediction.anomaly_map, prediction.threshold, prediction.mask))
-            save_png(out / "masks" / f"{name}_mask.png", mask_image(prediction.mask))
-            results.write(json.dumps({"path": str(sample), "score": prediction.score, "is_anomalous": prediction.is_anomalous,
-                                      "threshold": prediction.threshold}) + "\n")
+    samples = [sample.path for sample in MVTecAD(data_root).test_samples()]
+    with ResultsWriter(out, append=False) as writer:
+        for sample, outcome in detector.iter_predictions(samples):
+            if isinstance(outcome, Exception):
+                writer.write_error(sample, outcome)
+                continue
+            writer.write(f"{Path(sample).parent.name}_{Path(sample).stem}", outcome)
     image, pixel = report["image"], report["pixel"]
     print(f"model:    {model_path}")
     print(f"accuracy: image AUROC {image['auroc']:.3f}, pixel AUROC {pixel['auroc']:.3f}, AUPRO@0.3 {pixel['aupro']['0.3']:.3f}")
     at = image.get("at_threshold", {})
     print(f"verdicts at the model's threshold {detector.threshold:.3f}: recall {at.get('recall', 0):.2f}, precision {at.get('precision', 0) or 0:.2f}")
     print(f"report:   {out / 'report.json'}")
-    print(f"results:  {out / 'results.jsonl'}")
-    print(f"heat maps: {heatmap_dir}/ (jet colour over the image, white outline = defect mask)")
+    print(f"results:  {writer.results_path}")
+    print(f"heat maps: {out / 'heatmaps'}/ (jet colour over the image, white outline = defect mask)")
     return 0

@@ -32,6 +32,7 @@ from defectlens.data.datasets import Sample, open_dataset
 from defectlens.data.images import read_mask
 from defectlens.errors import DatasetError
 from defectlens.metrics.instances import defect_wise_recall
+from defectlens.metrics.pixel import resolve, squeeze_to_2d
 from defectlens.metrics.spro import DEFAULT_SPRO_LIMITS, read_channel_dir
 
 AUPRO_LIMITS = (0.3, 0.1, 0.05, 0.01, 1.0)
@@ -79,10 +80,6 @@ def _channels_loader(sample: Sample) -> Callable[[], list[np.ndarray]]:
     if channel_dir is None:
         return lambda: []
     return lambda: read_channel_dir(channel_dir)
-
-
-def _resolve(item: Any) -> np.ndarray:
-    return item() if callable(item) else item
 
 
 def run_detector(detector: Any, samples: Sequence[Sample], progress: Callable[[str, int, int], None] | None = None) -> EvaluationRun:
@@ -160,7 +157,7 @@ def metrics_report(run: EvaluationRun, fit_seconds: float | None = None) -> dict
             report["pixel"]["at_threshold"] = metrics.pixel_classification_at_threshold(run.anomaly_maps, masks, run.threshold)
             defective = [i for i, sample in enumerate(samples) if sample.label == 1 and masks[i] is not None]
             recall = defect_wise_recall(
-                (_resolve(run.anomaly_maps[i]) > run.threshold for i in defective),
+                (resolve(run.anomaly_maps[i]) > run.threshold for i in defective),
                 (masks[i] for i in defective),
                 [samples[i].defect_type for i in defective],
             )
@@ -303,13 +300,10 @@ def read_anomaly_map(file: Path) -> np.ndarray:
             array = tifffile.imread(file)
     except Exception as error:  # tifffile / numpy raise many types; report them the same way
         raise DatasetError(f"cannot read anomaly map {file}: {error}") from None
-    array = np.asarray(array)
-    while array.ndim > 2 and array.shape[0] == 1:
-        array = array[0]
-    while array.ndim > 2 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 2:
-        raise DatasetError(f"anomaly map {file} is not a single-channel 2-D map (shape {array.shape})")
+    try:
+        array = squeeze_to_2d(np.asarray(array), f"anomaly map {file}")
+    except ValueError as error:
+        raise DatasetError(f"{error} (not a single-channel map)") from None
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise DatasetError(f"anomaly map {file} has unsupported type {array.dtype}")
     return array

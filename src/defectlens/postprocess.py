@@ -1,18 +1,27 @@
-"""From patch scores to anomaly maps and image scores (shared by every method).
+"""From patch scores to anomaly maps and image scores: the ONE chain every path uses.
 
-patch scores (N, h, w) on the feature grid
+patch scores (N, h, w) on the method's grid
+  -> optional local average pooling (``pool_size`` cells)
   -> bilinear upsampling to the model input size (N, S, S)
   -> Gaussian blur with sigma in model-input pixels (default 4, as PatchCore and PaDiM)
-  -> bilinear resize to each input image's own size (H, W)
+  -> image score: the method's own (`AnomalyMethod.image_scores`) or the max of the map
+  -> (in `preprocess.InputPreparation.untile`) resize to each prepared image's size, or
+     stitch tiles
+Fit, calibration, predict and tiling all go through `MapChain`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from defectlens.methods.base import AnomalyMethod
+    from defectlens.samples import Batch
 
 
 def gaussian_kernel_1d(sigma: float) -> torch.Tensor:
@@ -79,6 +88,43 @@ def anomaly_maps(
 
 
 def to_image_size(anomaly_map: torch.Tensor, image_size: tuple[int, int], circular_x: bool = False) -> np.ndarray:
-    """One map (S, S) resized to the original image's (H, W), as float32 numpy."""
+    """One map (S, S) resized to the prepared image's (H, W), as float32 numpy."""
     resized = upsample(anomaly_map.unsqueeze(0), image_size, circular_x)[0]
     return resized.cpu().numpy().astype(np.float32, copy=False)
+
+
+class MapChain:
+    """pool -> upsample to the model input -> blur -> image score, for batches of patch scores.
+
+    Args:
+        pool_size: average pooling of patch scores (kernel in cells; 1 = none).
+        model_size: (height, width) of the model input the maps are upsampled to.
+        blur_sigma: Gaussian blur in model-input pixels (0 = none).
+        circular_x: images are periodic in x (roll-out bands).
+        method_image_scores: use the method's own image scores (False with tiling: the image
+            score is then the max of the stitched map).
+    """
+
+    def __init__(
+        self, pool_size: int, model_size: tuple[int, int], blur_sigma: float, circular_x: bool = False,
+        method_image_scores: bool = True,
+    ) -> None:
+        self.pool_size = pool_size
+        self.model_size = model_size
+        self.blur_sigma = blur_sigma
+        self.circular_x = circular_x
+        self.method_image_scores = method_image_scores
+
+    def maps(self, patch_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch scores (N, h, w) -> (pooled patch scores (N, h, w), maps (N, *model_size))."""
+        pooled = pool_patch_scores(patch_scores, self.pool_size)
+        return pooled, anomaly_maps(pooled, self.model_size, self.blur_sigma, self.circular_x)
+
+    def apply(
+        self, method: "AnomalyMethod", scored: Iterable[tuple["Batch", torch.Tensor]]
+    ) -> Iterator[tuple["Batch", torch.Tensor, torch.Tensor | None]]:
+        """(batch, patch scores) -> (batch, maps, the method's image scores or None)."""
+        for batch, patch_scores in scored:
+            pooled, maps = self.maps(patch_scores)
+            scores = method.image_scores(batch.x, pooled) if self.method_image_scores else None
+            yield batch, maps, scores

@@ -24,10 +24,10 @@ def _transistor() -> Path:
     return require_data("mvtec_ad/transistor")
 
 
-def train_images() -> list[Path]:
+def golden_train_images() -> list[Path]:
     return sorted((_transistor() / "train" / "good").glob("*.png"))[:24]
 
 
-def test_images() -> list[Path]:
+def golden_test_images() -> list[Path]:
     root = _transistor() / "test"
     return [path for kind in ("good", "bent_lead", "misplaced") for path in sorted((root / kind).glob("*.png"))[:4]]

@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from tests.golden.golden_configs import CONFIGS, test_images, train_images  # noqa: E402
+from tests.golden.golden_configs import CONFIGS, golden_test_images, golden_train_images  # noqa: E402
 
 
 def main() -> None:
@@ -24,8 +24,8 @@ def main() -> None:
 
     results = {}
     for name, options in CONFIGS.items():
-        detector = Detector(**options).fit(train_images())
-        scores = [prediction.score for prediction in detector.predict_batch(test_images())]
+        detector = Detector(**options).fit(golden_train_images())
+        scores = [prediction.score for prediction in detector.predict_batch(golden_test_images())]
         detector.save(HERE / f"{name}.dlens")
         results[name] = {"threshold": detector.threshold, "scores": scores}
         print(name, detector.threshold, scores[:3])

@@ -119,26 +119,29 @@ def test_every_accepted_request_is_in_the_database_with_its_files(
 
 
 def test_pagination_and_filters(client: httpx.Client, png_bytes: dict[str, bytes]) -> None:
+    stored_before = client.get("/v1/inspections").json()["total"]
     before = datetime.now(timezone.utc)
     ok = inspect(client, png_bytes["good"], threshold="1e9").json()
     not_ok = inspect(client, png_bytes["good"], threshold="0").json()
     assert ok["verdict"] == "OK" and not_ok["verdict"] == "NOT OK"
 
     since = client.get("/v1/inspections", params={"since": before.isoformat()}).json()
-    assert [item["id"] for item in since["items"]][:2] == [not_ok["id"], ok["id"]]  # newest first
-    assert since["total"] == 2
+    assert since["total"] == 2 and {item["id"] for item in since["items"]} == {ok["id"], not_ok["id"]}
+    created = [datetime.fromisoformat(item["created_at"]) for item in since["items"]]
+    assert created == sorted(created, reverse=True)  # newest first, by the stored times
     only_bad = client.get("/v1/inspections", params={"since": before.isoformat(), "verdict": "not_ok"}).json()
     assert [item["id"] for item in only_bad["items"]] == [not_ok["id"]]
     only_good = client.get("/v1/inspections", params={"since": before.isoformat(), "is_anomalous": "false"}).json()
     assert [item["id"] for item in only_good["items"]] == [ok["id"]]
     future = (datetime.now(timezone.utc) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")  # naive = UTC
     assert client.get("/v1/inspections", params={"since": future}).json()["total"] == 0
-    assert client.get("/v1/inspections", params={"until": before.isoformat()}).json()["total"] >= 0
+    assert client.get("/v1/inspections", params={"until": before.isoformat()}).json()["total"] == stored_before
     assert client.get("/v1/inspections", params={"model": "no-such-model"}).json() == {
         "items": [], "total": 0, "limit": 50, "offset": 0
     }
 
     everything = client.get("/v1/inspections", params={"limit": 1000}).json()
+    assert everything["total"] == stored_before + 2
     page = client.get("/v1/inspections", params={"limit": 1, "offset": 1}).json()
     assert page["total"] == everything["total"] and page["items"][0]["id"] == everything["items"][1]["id"]
 
@@ -247,7 +250,10 @@ def test_ui_page_and_docs_are_served_without_a_cdn(client: httpx.Client) -> None
         assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
 
 
-def test_store_paths_are_relative(server: ServerProcess) -> None:
-    for row in db_rows(server).values():
+def test_store_paths_are_relative(server: ServerProcess, client: httpx.Client, png_bytes: dict[str, bytes]) -> None:
+    own = inspect(client, png_bytes["stain"], name="own.png").json()["id"]
+    rows = db_rows(server)
+    assert own in rows
+    for row in rows.values():
         for column in ("image_path", "heatmap_path", "mask_path", "map_path"):
             assert not Path(row[column]).is_absolute() and ".." not in row[column]

@@ -147,7 +147,7 @@ def _reference_features(
 def test_features_match_the_plain_pipeline(name: str) -> None:
     """BatchNorm folding, channels-last and chunking change nothing but float rounding."""
     images = torch.rand(5, 3, 72, 88)
-    extractor = FeatureExtractor(name, chunk_size=2)
+    extractor = FeatureExtractor(name, images_per_pass=2)
     features = extractor(images)
     assert features.is_contiguous()
     torch.testing.assert_close(features, _reference_features(name, images), rtol=1e-3, atol=1e-4)

@@ -10,7 +10,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import torch
+
+from defectlens.calibration import threshold_from_normal_scores
 from defectlens.detector import Detector
+from defectlens.methods import Padim
 from defectlens.errors import ConfigError, DatasetError, ModelFileError, NotFittedError
 from tests.conftest import textured_images, with_square_defect
 
@@ -42,11 +46,35 @@ def test_defect_scores_higher_and_is_located(fitted):
     assert not any(p.is_anomalous for p in predictions[:3])
 
 
-def test_threshold_comes_from_held_out_normal_scores(fitted):
+def _independent_held_out_scores(detector: Detector, images: list[np.ndarray]) -> np.ndarray:
+    """Held-out image scores computed here, without the detector's calibration code:
+    PatchCore leaves each image's own bank rows out; PaDiM refits on 5 folds."""
+    features = detector.features(images)
+    if detector.method_name == "patchcore":
+        bank = detector.method.bank
+        patch_scores = torch.cat([
+            bank.patch_scores(features[i : i + 1], excluded=bank.bank_image_index == i) for i in range(len(images))
+        ])
+    else:
+        patch_scores, folds = torch.zeros(features.shape[0], *features.shape[2:]), 5
+        for fold in range(folds):
+            held = torch.arange(len(images)) % folds == fold
+            method = Padim(**detector.method.config())
+            method.fit(features[~held], torch.nonzero(~held).flatten())
+            patch_scores[held] = method.patch_scores(features[held])
+    _, maps = detector.chain.maps(patch_scores)
+    assert detector.method.image_scores(features, patch_scores) is None  # the image score is the map's max
+    return maps.flatten(1).amax(dim=1).double().numpy()
+
+
+def test_threshold_comes_from_held_out_normal_scores(fitted, normal_images):
     info = fitted.fit_info
-    assert info.num_images == 12
-    assert info.calibration["num_scores"] == 12
-    assert info.calibration["min"] <= fitted.threshold <= info.calibration["max"]
+    assert info.num_images == 12 and info.calibration["num_scores"] == 12
+    held_out = _independent_held_out_scores(fitted, normal_images)
+    assert fitted.threshold == pytest.approx(threshold_from_normal_scores(held_out, fitted.target_fpr), rel=1e-5)
+    in_sample = np.asarray([p.score for p in fitted.predict_batch(normal_images)])
+    # in-sample calibration would have set a lower threshold: training images score lower seen
+    assert threshold_from_normal_scores(in_sample, fitted.target_fpr) < 0.98 * fitted.threshold
 
 
 def test_maps_come_back_at_each_input_size(fitted):
@@ -72,8 +100,9 @@ def test_model_file_is_safetensors_with_json_metadata(fitted, tmp_path):
     with safe_open(str(path), framework="pt") as handle:
         metadata = json.loads(handle.metadata()["defectlens"])
     assert metadata["method"] == fitted.method_name
-    assert metadata["backbone"] == "efficientnet_lite0"
-    assert metadata["preprocessing"]["image_size"] == [64, 64]
+    assert metadata["detector"]["backbone"] == "efficientnet_lite0"
+    assert metadata["detector"]["image_size"] == [64, 64]
+    assert metadata["method_options"] == fitted.method.config()
     assert metadata["threshold"] == fitted.threshold
     assert metadata["library_version"]
     assert b"pickle" not in path.read_bytes()[:200]
@@ -127,7 +156,7 @@ def test_empty_training_folder_is_a_clear_error(tmp_path):
 def test_bad_configuration_errors():
     with pytest.raises(ConfigError, match="unknown method"):
         Detector(method="magic")
-    with pytest.raises(ConfigError, match="bad option"):
+    with pytest.raises(ConfigError, match="has no option"):
         Detector(method="patchcore", covariance="full")
     with pytest.raises(ConfigError, match="covariance"):
         Detector(method="padim", covariance="diagonal")
@@ -161,3 +190,23 @@ def test_patchcore_reweighting_keeps_the_ranking(normal_images):
     good = textured_images(1, seed=7)[0]
     scores = [p.score for p in detector.predict_batch([good, defective])]
     assert 0 < scores[0] < scores[1]
+
+
+def test_f1_optimal_threshold_on_a_labelled_validation_set(fitted):
+    import copy
+
+    from defectlens.metrics import f1_max
+
+    good = textured_images(4, seed=31)
+    bad = [with_square_defect(image, 10 + 5 * k, 12, 10)[0] for k, image in enumerate(textured_images(4, seed=32))]
+    labels = [0] * 4 + [1] * 4
+    detector = copy.deepcopy(fitted)
+    detector.calibrate([*good, *bad], labels=labels)
+    scores = np.asarray([p.score for p in fitted.predict_batch([*good, *bad])])
+    best_f1, best_threshold = f1_max(scores, np.asarray(labels))
+    assert detector.threshold == pytest.approx(best_threshold) and best_f1 == 1.0
+    assert "F1-optimal" in detector.fit_info.calibration["source"]
+    verdicts = [p.is_anomalous for p in detector.predict_batch([*good, *bad])]
+    assert verdicts == [bool(label) for label in labels]
+    with pytest.raises(ConfigError, match="good and defective"):
+        copy.deepcopy(fitted).calibrate(good, labels=[0] * 4)

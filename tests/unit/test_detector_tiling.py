@@ -120,7 +120,7 @@ def test_save_load_keeps_tiling(tiled_patchcore, tmp_path, large_normal):
     tiled = tiled_patchcore
     path = tiled.save(tmp_path / "tiled.dlens")
     with safe_open(str(path), framework="pt") as handle:
-        preprocessing = json.loads(handle.metadata()["defectlens"])["preprocessing"]
+        preprocessing = json.loads(handle.metadata()["defectlens"])["detector"]
     assert preprocessing["tile_size"] == 64 and preprocessing["tile_overlap"] == 16
     loaded = Detector.load(path)
     loaded._extractor = tiled._extractor

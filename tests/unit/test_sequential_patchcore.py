@@ -11,11 +11,13 @@ import torch
 from safetensors import safe_open
 
 from defectlens.cli import main
-from defectlens.detector import Detector, meld_detectors
+from defectlens.detector import Detector
+from defectlens.meld import meld_detectors
 from defectlens.errors import ConfigError
 from defectlens.methods import SequentialPatchCore
 from defectlens.methods.patchcore import flatten_patches
 from defectlens.ops.streaming_coreset import StreamingCoreset
+from defectlens.samples import Batch
 from tests.conftest import textured_images, with_square_defect
 
 FAST = dict(image_size=64, batch_size=4)
@@ -36,6 +38,16 @@ def make(**options) -> Detector:
 @pytest.fixture(scope="module")
 def normal_images() -> list[np.ndarray]:
     return textured_images(8, seed=0)
+
+
+class FeatureEpochs:
+    """The part of `samples.FitData` a streaming method reads: the same feature batches each epoch."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = [Batch(x, index, [None] * len(index), [(0, 0)] * len(index)) for x, index in batches]
+
+    def epoch(self, epoch: int) -> list[Batch]:
+        return self.batches
 
 
 def rows_in(rows: torch.Tensor, bank: torch.Tensor) -> bool:
@@ -93,7 +105,7 @@ def test_bank_rows_remember_their_training_image(fitted, normal_images):
     origins = method.bank_image_index
     assert origins.min() >= 0 and origins.max() < 8
     # rows from epoch 0 (not augmented) are patches of the image they name
-    features = detector._extractor(detector._to_model_input(normal_images))
+    features = detector.features(normal_images)
     patches = flatten_patches(features).view(8, -1, features.shape[1])
     exact = 0
     for row, image in zip(method.memory_bank, origins.tolist()):
@@ -104,9 +116,9 @@ def test_bank_rows_remember_their_training_image(fitted, normal_images):
 
 def test_leave_one_out_excludes_the_image_own_vectors(fitted, normal_images):
     detector, _ = fitted
-    features = detector._extractor(detector._to_model_input(normal_images[:2]))
+    features = detector.features(normal_images[:2])
     plain = detector.method.patch_scores(features)
-    held_out = detector.method.leave_one_out_patch_scores(features, torch.tensor([0, 1]))
+    held_out = detector.method.held_out_patch_scores(features, torch.tensor([0, 1]))
     assert bool((held_out >= plain - 1e-3).all())
     assert bool((held_out > plain + 1e-2).any())
 
@@ -115,7 +127,7 @@ def test_method_streams_like_one_coreset_over_the_concatenated_stream():
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(3, 8, 4, 4, generator=generator) for _ in range(4)]
     method = SequentialPatchCore(coreset_size=30, epochs=1)
-    method.fit_stream(lambda epoch: [(b, torch.arange(3) + 3 * k) for k, b in enumerate(batches)])
+    method.fit_batches(FeatureEpochs([(b, torch.arange(3) + 3 * k) for k, b in enumerate(batches)]))
     reference = StreamingCoreset(30, 8)
     reference.update(torch.cat([flatten_patches(b) for b in batches]))
     assert torch.equal(method.memory_bank, reference.coreset())
@@ -131,7 +143,7 @@ def test_method_streams_like_one_coreset_over_the_concatenated_stream():
 def test_epochs_stop_when_nothing_changes():
     features = torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(1))
     method = SequentialPatchCore(coreset_size=10, epochs=50)
-    method.fit(features)
+    method.fit_batches(FeatureEpochs([(features, torch.arange(4))]))
     summary = method.fit_summary()
     assert summary["converged"] and summary["epochs_run"] < 50 and summary["changes_per_epoch"][-1] == 0
 
@@ -151,8 +163,8 @@ def test_save_load_keeps_options_and_scores(fitted, tmp_path):
         metadata = json.loads(handle.metadata()["defectlens"])
     assert metadata["method"] == "sequential_patchcore"
     assert metadata["method_options"]["coreset_size"] == 120
-    assert metadata["postprocessing"] == {"blur_sigma": 2.0, "pool_size": 2}
-    assert metadata["augmentation"][0]["name"] == "brightness_contrast"
+    assert (metadata["detector"]["blur_sigma"], metadata["detector"]["pool_size"]) == (2.0, 2)
+    assert metadata["detector"]["augmentation"][0]["name"] == "brightness_contrast"
     assert metadata["fit"]["method"]["epochs_run"] >= 1
     loaded = Detector.load(path)
     image = textured_images(1, seed=3)[0]
@@ -183,7 +195,7 @@ def test_fine_tuning_starts_from_the_initial_bank(fitted):
     assert rows_in(tuned.method.memory_bank[origins == -1], detector.method.memory_bank)
     with pytest.raises(ConfigError, match="image_size"):
         make(**SEQ, image_size=96).fit(new_images, init=detector)
-    with pytest.raises(ConfigError, match="streaming"):
+    with pytest.raises(ConfigError, match="cannot start from another model"):
         make(method="patchcore", **FAST).fit(new_images, init=detector)
 
 

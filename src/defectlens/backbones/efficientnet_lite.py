@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from defectlens.backbones.tapping import tap_layers
+
 BATCH_NORM_EPS = 1e-3
 BATCH_NORM_MOMENTUM = 0.01
 STEM_CHANNELS = 32
@@ -209,19 +211,9 @@ class EfficientNetLite(nn.Module):
 
         images: (N, 3, H, W), already normalized. Returns {layer name: (N, C, h, w)}.
         """
-        wanted = set(layer_names)
-        features: dict[str, Tensor] = {}
         x = F.relu6(self._bn0(self._conv_stem(images)), inplace=True)
-        if "_conv_stem" in wanted:
-            features["_conv_stem"] = x
-        for index, block in enumerate(self._blocks):
-            if len(features) == len(wanted):
-                break
-            x = block(x)
-            name = f"_blocks.{index}"
-            if name in wanted:
-                features[name] = x
-        return features
+        stem = {"_conv_stem": x} if "_conv_stem" in layer_names else {}
+        return tap_layers(x, ((f"_blocks.{k}", block) for k, block in enumerate(self._blocks)), layer_names, stem)
 
     def forward(self, images: Tensor) -> Tensor:
         """(N, 3, H, W) normalized images -> (N, 1000) ImageNet logits."""

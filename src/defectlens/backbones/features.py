@@ -138,8 +138,8 @@ class FeatureExtractor(nn.Module):
             (a ConfigError for backbones that ship none, e.g. the ResNets).
         device: torch device for the backbone and the output.
         circular_padding: wrap around in x (width) for periodic roll-out bands.
-        chunk_size: images per backbone pass inside ``forward`` (speed / memory only; the
-            result does not depend on it).
+        images_per_pass: images per backbone pass inside ``forward`` (speed / memory only;
+            the result does not depend on it).
 
     ``forward(images)``: (N, 3, H, W) float32 RGB in [0, 1] -> (N, feature_dim,
     ceil(H / stride), ceil(W / stride)) float32. Always in eval mode, without gradients.
@@ -152,12 +152,12 @@ class FeatureExtractor(nn.Module):
         weights: str | Path | None = None,
         device: str = "cpu",
         circular_padding: bool = False,
-        chunk_size: int = 4,
+        images_per_pass: int = 4,
     ) -> None:
         super().__init__()
-        if chunk_size < 1:
-            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.chunk_size = chunk_size
+        if images_per_pass < 1:
+            raise ConfigError(f"images_per_pass must be >= 1, got {images_per_pass}")
+        self.images_per_pass = images_per_pass
         self._spec = get_backbone_spec(backbone)
         if layers is None:
             chosen = self._spec.default_layers
@@ -258,7 +258,7 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """(N, 3, H, W) RGB in [0, 1] -> (N, feature_dim, ceil(H / stride), ceil(W / stride)).
 
-        The batch runs through the backbone ``chunk_size`` images at a time (small chunks
+        The batch runs through the backbone ``images_per_pass`` images at a time (small chunks
         keep the wide intermediate maps in cache); the result is contiguous NCHW float32.
         """
         self._check_images(images)
@@ -266,8 +266,8 @@ class FeatureExtractor(nn.Module):
         features = torch.empty(
             (images.shape[0], self.feature_dim, *grid), dtype=torch.float32, device=self.device
         )
-        for start in range(0, images.shape[0], self.chunk_size):
-            stop = start + self.chunk_size
+        for start in range(0, images.shape[0], self.images_per_pass):
+            stop = start + self.images_per_pass
             layer_maps = self._feature_network.forward_features(
                 self._normalize(images[start:stop]), self._layer_names
             )

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from defectlens.backbones.tapping import tap_layers
+
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 NUM_CLASSES = 1000
@@ -101,17 +103,7 @@ class MobileNetV2(nn.Module):
 
         images: (N, 3, H, W), already normalized. Returns {layer name: (N, C, h, w)}.
         """
-        wanted = set(layer_names)
-        features: dict[str, Tensor] = {}
-        x = images
-        for index, layer in enumerate(self.features):
-            if len(features) == len(wanted):
-                break
-            x = layer(x)
-            name = f"features.{index}"
-            if name in wanted:
-                features[name] = x
-        return features
+        return tap_layers(images, ((f"features.{k}", layer) for k, layer in enumerate(self.features)), layer_names)
 
     def forward(self, images: Tensor) -> Tensor:
         """(N, 3, H, W) normalized images -> (N, 1000) ImageNet logits."""

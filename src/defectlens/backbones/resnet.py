@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from defectlens.backbones.tapping import tap_layers
+
 NUM_CLASSES = 1000
 STEM_CHANNELS = 64
 STAGE_PLANES = (64, 128, 256, 512)
@@ -119,16 +121,7 @@ class ResNet(nn.Module):
 
         images: (N, 3, H, W), already normalized. Returns {layer name: (N, C, h, w)}.
         """
-        wanted = set(layer_names)
-        features: dict[str, Tensor] = {}
-        x = self._stem(images)
-        for name in LAYER_NAMES:
-            if len(features) == len(wanted):
-                break
-            x = getattr(self, name)(x)
-            if name in wanted:
-                features[name] = x
-        return features
+        return tap_layers(self._stem(images), ((name, getattr(self, name)) for name in LAYER_NAMES), layer_names)
 
     def forward(self, images: Tensor) -> Tensor:
         """(N, 3, H, W) normalized images -> (N, 1000) ImageNet logits."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from defectlens.data.images import PathLike, is_image_file
 from defectlens.errors import DatasetError
@@ -66,13 +66,17 @@ def training_images(source: PathLike) -> list[Path]:
     return images
 
 
-def _test_images(root: Path) -> list[tuple[str, Path]]:
-    """(defect type, image path) of every image under ``root/test/<type>/``, sorted."""
-    return [
-        (defect_dir.name, image_path)
+def _test_samples(root: Path, defective: Callable[[str, Path], Sample]) -> list[Sample]:
+    """Every image under ``root/test/<type>/``, sorted: good ones as they are, the others
+    through ``defective(defect type, image path)``, which finds their ground truth."""
+    samples = [
+        Sample(image_path, 0, GOOD, None) if defect_dir.name == GOOD else defective(defect_dir.name, image_path)
         for defect_dir in sorted(p for p in (root / "test").iterdir() if p.is_dir())
         for image_path in list_images(defect_dir)
     ]
+    if not samples:
+        raise DatasetError(f"no test images under {root / 'test'}")
+    return samples
 
 
 class MVTecAD:
@@ -88,16 +92,11 @@ class MVTecAD:
         return training_images(self.root)
 
     def test_samples(self) -> list[Sample]:
-        samples: list[Sample] = []
-        for defect_type, image_path in _test_images(self.root):
-            if defect_type == GOOD:
-                samples.append(Sample(image_path, 0, GOOD, None))
-                continue
+        def defective(defect_type: str, image_path: Path) -> Sample:
             mask_path = self.root / "ground_truth" / defect_type / f"{image_path.stem}_mask.png"
-            samples.append(Sample(image_path, 1, defect_type, mask_path if mask_path.exists() else None))
-        if not samples:
-            raise DatasetError(f"no test images under {self.root / 'test'}")
-        return samples
+            return Sample(image_path, 1, defect_type, mask_path if mask_path.exists() else None)
+
+        return _test_samples(self.root, defective)
 
 
 class ImageFolder:
@@ -154,18 +153,13 @@ class _ChannelDataset:
         return list_images(folder) if folder.is_dir() else []
 
     def test_samples(self) -> list[Sample]:
-        samples: list[Sample] = []
-        for defect_type, image_path in _test_images(self.root):
-            if defect_type == GOOD:
-                samples.append(Sample(image_path, 0, GOOD, None))
-                continue
+        def defective(defect_type: str, image_path: Path) -> Sample:
             channel_dir = self.root / "ground_truth" / defect_type / image_path.stem
             if not channel_dir.is_dir():
                 raise DatasetError(f"no ground truth for {image_path}: folder {channel_dir} is missing")
-            samples.append(Sample(image_path, 1, defect_type, None, channel_dir))
-        if not samples:
-            raise DatasetError(f"no test images under {self.root / 'test'}")
-        return samples
+            return Sample(image_path, 1, defect_type, None, channel_dir)
+
+        return _test_samples(self.root, defective)
 
 
 class MVTecLOCO(_ChannelDataset):

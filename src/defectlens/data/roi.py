@@ -55,6 +55,7 @@ from scipy import ndimage
 
 from defectlens.data.images import as_float_rgb, decode_image_bytes
 from defectlens.errors import ConfigError, DefectlensError
+from defectlens.params import dataclass_from_dict
 
 __all__ = [
     "RoiNotFoundError",
@@ -661,22 +662,7 @@ ROI_STEP_TYPES: dict[str, type[RoiStep]] = {
 
 
 def _step_from_dict(config: Mapping[str, Any]) -> RoiStep:
-    if not isinstance(config, Mapping) or "kind" not in config:
-        raise ConfigError(f"a preprocessing step must be a dict with a 'kind', got {config!r}")
-    params = dict(config)
-    kind = params.pop("kind")
-    step_type = ROI_STEP_TYPES.get(kind)
-    if step_type is None:
-        raise ConfigError(f"unknown preprocessing step {kind!r}; known: {', '.join(sorted(ROI_STEP_TYPES))}")
-    known = {item.name for item in dataclasses.fields(step_type)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ConfigError(f"preprocessing step {kind!r} has no parameter(s) {unknown}; it takes {sorted(known)}")
-    params = {key: tuple(value) if isinstance(value, list) else value for key, value in params.items()}
-    try:
-        return step_type(**params)
-    except TypeError as error:
-        raise ConfigError(f"preprocessing step {kind!r}: {error}") from None
+    return dataclass_from_dict(config, "kind", ROI_STEP_TYPES, "preprocessing step")
 
 
 @dataclass(frozen=True)

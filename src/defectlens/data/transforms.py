@@ -14,7 +14,7 @@ augmentation it was fitted with::
     augmented = pipeline(image, rng)             # rng: int seed or numpy Generator
     config = pipeline.to_config()                # list[dict], json.dumps-able
 
-``from_config`` also takes a preset name (``"autovi"``, ``"light"``; see :data:`PRESETS`).
+``from_config`` also takes a preset name (``"autovi"``, ``"light"``, ``"sequential"``; see :data:`PRESETS`).
 A streaming coreset can call the pipeline once per image and epoch with
 ``numpy.random.default_rng([seed, epoch])`` to get a different, reproducible augmentation per
 epoch.
@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from defectlens.errors import ConfigError
+from defectlens.params import dataclass_from_dict
 
 SeedLike = Union[int, np.integer, np.random.Generator]
 
@@ -301,28 +302,23 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
         {"name": "gaussian_blur", "sigma_range": [0.1, 0.8], "p": 0.3},
         {"name": "gaussian_noise", "variance_range": [10.0, 60.0], "p": 0.3},
     ],
+    # The Sequential PatchCore study's kinds (brightness/contrast, flips, blur, noise, random
+    # masking), mild; flips suit textures and surfaces, not parts with a fixed orientation.
+    "sequential": [
+        {"name": "brightness_contrast", "brightness": 0.05, "contrast_range": [0.9, 1.1], "p": 0.5},
+        {"name": "hflip", "p": 0.5},
+        {"name": "vflip", "p": 0.5},
+        {"name": "gaussian_blur", "sigma_range": [0.1, 0.8], "p": 0.3},
+        {"name": "gaussian_noise", "variance_range": [10.0, 60.0], "p": 0.3},
+        {"name": "random_erasing", "area_range": [0.01, 0.05], "fill": "mean", "p": 0.2},
+    ],
 }
 """Named pipelines accepted by :meth:`AugmentationPipeline.from_config`."""
 
 
 def step_from_dict(config: Mapping[str, Any]) -> AugmentationStep:
     """Build one step from ``{"name": ..., **params}``; unknown names or params raise ConfigError."""
-    if not isinstance(config, Mapping) or "name" not in config:
-        raise ConfigError(f"an augmentation step must be a dict with a 'name', got {config!r}")
-    params = dict(config)
-    name = params.pop("name")
-    step_type = STEP_TYPES.get(name)
-    if step_type is None:
-        raise ConfigError(f"unknown augmentation {name!r}; known: {', '.join(sorted(STEP_TYPES))}")
-    known = {f.name for f in dataclasses.fields(step_type)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ConfigError(f"augmentation {name!r} has no parameter(s) {unknown}; it takes {sorted(known)}")
-    params = {key: tuple(value) if isinstance(value, list) else value for key, value in params.items()}
-    try:
-        return step_type(**params)
-    except TypeError as error:
-        raise ConfigError(f"augmentation {name!r}: {error}") from None
+    return dataclass_from_dict(config, "name", STEP_TYPES, "augmentation")
 
 
 class AugmentationPipeline:

@@ -10,8 +10,6 @@ score: Mahalanobis distance of each patch to its location's Gaussian.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -30,11 +28,12 @@ class Padim(AnomalyMethod):
     Args:
         covariance: "full", "tied" or "global".
         reduction: "random" (original) or "negated_pca" (lowest-variance components) or "none".
-        reduced_dim: channels kept, d (default 100).
+        reduced_dim: channels kept, d.
         seed: seeds the random channel subset.
     """
 
     name = "padim"
+    option_choices = {"covariance": COVARIANCE_MODELS, "reduction": tuple(REDUCTIONS)}
 
     def __init__(
         self, covariance: str = "full", reduction: str = "random", reduced_dim: int = 100, seed: int = 0
@@ -51,20 +50,13 @@ class Padim(AnomalyMethod):
         self.mean = torch.empty(0)
         self.precision = torch.empty(0)
 
-    def config(self) -> dict[str, Any]:
-        return {
-            "covariance": self.covariance,
-            "reduction": self.reduction,
-            "reduced_dim": self.reduced_dim,
-            "seed": self.seed,
-        }
-
     def _reduce(self, features: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) -> (N, h*w, d) reduced patch features."""
         patches = features.flatten(2).transpose(1, 2)
         return patches @ self.projection
 
-    def fit(self, features: torch.Tensor) -> None:
+    def fit(self, features: torch.Tensor, image_index: torch.Tensor) -> None:
+        """Gaussians of patch features (N, C, h, w) (tiles count as images)."""
         num_images, channels = features.shape[:2]
         patches = features.permute(0, 2, 3, 1).reshape(-1, channels)
         sample_generator = torch.Generator().manual_seed(self.seed)

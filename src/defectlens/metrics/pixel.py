@@ -89,19 +89,21 @@ def as_reiterable(collection: Any, what: str) -> Sequence[Any]:
     return list(collection)
 
 
-def _resolve(item: Any) -> Any:
+def resolve(item: Any) -> Any:
+    """A map given lazily (a zero-argument callable, e.g. a file loader) -> the map; else itself."""
     if callable(item) and not isinstance(item, np.ndarray):
         return item()
     return item
 
 
-def _squeeze_to_2d(array: np.ndarray, what: str, index: int) -> np.ndarray:
+def squeeze_to_2d(array: np.ndarray, what: str) -> np.ndarray:
+    """Drop leading and trailing axes of length 1; ValueError naming ``what`` if not 2-D then."""
     while array.ndim > 2 and array.shape[0] == 1:
         array = array[0]
     while array.ndim > 2 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 2:
-        raise ValueError(f"{what} {index}: expected a 2-D array, got shape {array.shape}")
+        raise ValueError(f"{what}: expected a 2-D array, got shape {array.shape}")
     return array
 
 
@@ -110,10 +112,10 @@ def load_score_map(item: Any, index: int, what: str = "anomaly map") -> np.ndarr
 
     Raises ``ValueError`` naming the map's index for NaN scores or a wrong shape / dtype.
     """
-    array = _resolve(item)
+    array = resolve(item)
     if array is None:
         raise ValueError(f"{what} {index} is None")
-    array = _squeeze_to_2d(np.asarray(array), what, index)
+    array = squeeze_to_2d(np.asarray(array), f"{what} {index}")
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
     elif array.dtype == np.float16:
@@ -128,10 +130,10 @@ def load_score_map(item: Any, index: int, what: str = "anomaly map") -> np.ndarr
 def load_binary_mask(item: Any, shape: tuple[int, ...], index: int,
                      what: str = "mask") -> np.ndarray | None:
     """Load one mask as a 2-D bool array (True = value != 0); None stays None (defect-free)."""
-    array = _resolve(item)
+    array = resolve(item)
     if array is None:
         return None
-    array = _squeeze_to_2d(np.asarray(array), what, index)
+    array = squeeze_to_2d(np.asarray(array), f"{what} {index}")
     if array.shape != tuple(shape):
         raise ValueError(
             f"{what} {index} has shape {array.shape} but its anomaly map has shape {tuple(shape)}"

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from defectlens.report.markdown import AUPRO_ORDER, fmt, pct
+from defectlens.metrics.pixel import resolve
+from defectlens.report.markdown import AUPRO_ORDER, fmt, pct, per_defect_rows
 
 PRO_LIMIT = 0.3
 THUMBNAIL_SIDE = 224
@@ -192,10 +193,6 @@ def histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | 
 # ------------------------------------------------------------------------------------------
 # gallery
 # ------------------------------------------------------------------------------------------
-def _resolve(item: Any) -> np.ndarray:
-    return np.asarray(item() if callable(item) else item)
-
-
 def _gallery_picks(scores: np.ndarray, labels: np.ndarray, count: int) -> list[tuple[str, str, list[int]]]:
     defective = np.flatnonzero(labels == 1)
     good = np.flatnonzero(labels == 0)
@@ -223,7 +220,7 @@ def _card(run: Any, index: int, threshold: float | None, root: Path | None) -> s
         image = read_image(sample.path)
     except Exception as error:  # the page is still useful without one picture
         return f'<div class="card"><div class="muted">cannot show {_e(sample.path)}: {_e(error)}</div></div>'
-    anomaly_map = _resolve(run.anomaly_maps[index]).astype(np.float32)
+    anomaly_map = np.asarray(resolve(run.anomaly_maps[index])).astype(np.float32)
     if anomaly_map.shape != image.shape[:2]:
         import torch
 
@@ -307,20 +304,8 @@ def _metric_tables(report: dict[str, Any]) -> str:
 
 
 def _per_type_table(report: dict[str, Any]) -> str:
-    rows = []
-    for name, entry in _good_first(report.get("per_defect_type") or {}):
-        if name == "good":
-            decided = f"{entry['false_alarms']} false alarm(s)" if "false_alarms" in entry else "–"
-            auroc = "–"
-        else:
-            decided = f"{entry['detected']} of {entry['count']} detected" if "detected" in entry else "–"
-            auroc = fmt(entry.get("image_auroc"))
-        rows.append((name, entry.get("count"), fmt(entry.get("mean_score")), auroc, decided))
+    rows = per_defect_rows(report.get("per_defect_type") or {})
     return _table(("Defect type", "Images", "Mean score", "Image AUROC vs good", "At threshold"), rows)
-
-
-def _good_first(table: dict[str, Any]) -> list[tuple[str, Any]]:
-    return sorted(table.items(), key=lambda item: (item[0] != "good", item[0]))
 
 
 def _recall_table(recall: dict[str, Any]) -> str:
@@ -337,7 +322,7 @@ def _recall_table(recall: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------
 def html_report(report: dict[str, Any], run: Any, title: str | None = None, gallery_size: int = 4) -> str:
     """The whole page as a string (see :func:`write_html_report`)."""
-    from defectlens import __version__
+    from defectlens._version import __version__
 
     data, model = report.get("data", {}), report.get("model", {})
     image, pixel = report.get("image", {}), report.get("pixel", {})

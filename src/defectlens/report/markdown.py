@@ -21,6 +21,21 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def per_defect_rows(per_type: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Rows (defect type, images, mean score, image AUROC vs good, at threshold) of the
+    per-defect table, good first; shared by the Markdown and HTML reports."""
+    rows = []
+    for name, entry in sorted(per_type.items(), key=lambda item: (item[0] != "good", item[0])):
+        if name == "good":
+            decided = f"{entry['false_alarms']} false alarm(s)" if "false_alarms" in entry else "–"
+            auroc = "–"
+        else:
+            decided = f"{entry['detected']} of {entry['count']} detected" if "detected" in entry else "–"
+            auroc = fmt(entry.get("image_auroc"))
+        rows.append((name, entry.get("count"), fmt(entry.get("mean_score")), auroc, decided))
+    return rows
+
+
 def pct(value: Any) -> str:
     return "–" if value is None else f"{100 * value:.1f} %"
 
@@ -116,16 +131,7 @@ def markdown_report(report: dict[str, Any], title: str | None = None) -> str:
     per_type = report.get("per_defect_type") or {}
     if per_type:
         lines += ["## Per defect type", "", "Image AUROC of each defect type against all good images.", ""]
-        rows = []
-        for name, entry in sorted(per_type.items(), key=lambda item: (item[0] != "good", item[0])):
-            if name == "good":
-                decided = f"{entry['false_alarms']} false alarm(s)" if "false_alarms" in entry else "–"
-                auroc = "–"
-            else:
-                decided = f"{entry['detected']} of {entry['count']} detected" if "detected" in entry else "–"
-                auroc = fmt(entry.get("image_auroc"))
-            rows.append((name, entry.get("count"), fmt(entry.get("mean_score")), auroc, decided))
-        lines += table(("Defect type", "Images", "Mean score", "Image AUROC", "At threshold"), rows) + [""]
+        lines += table(("Defect type", "Images", "Mean score", "Image AUROC", "At threshold"), per_defect_rows(per_type)) + [""]
 
     recall = report.get("defect_recall")
     if recall:

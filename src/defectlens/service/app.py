@@ -15,7 +15,6 @@ loop keeps serving. Every accepted inspection is stored - files first, then the 
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import re
@@ -31,27 +30,18 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from defectlens import __version__
+from defectlens._version import __version__
 from defectlens.data.images import decode_image_bytes
 from defectlens.detector import Detector, Prediction
-from defectlens.errors import ConfigError, DefectlensError, ImageReadError
-from defectlens.service.store import (
-    FileStore,
-    Inspection,
-    InspectionQuery,
-    InspectionStore,
-    check_db_url,
-    default_db_url,
-    file_sha256,
-    sha256_hex,
-)
-from defectlens.visualize import mask_image, overlay_heatmap
+from defectlens.errors import ConfigError, DefectlensError, ImageReadError, ImageTooLargeError
+from defectlens.hashing import file_sha256, sha256_hex
+from defectlens.outputs import encode_png, heatmap_png, mask_png, render
+from defectlens.service.store import FileStore, Inspection, InspectionQuery, InspectionStore, check_db_url, default_db_url
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +115,7 @@ class ModelSlot:
         self.predict(np.zeros((height, width, 3), dtype=np.float32), None)
 
     def prepared(self, pixels: np.ndarray) -> np.ndarray:
-        """The image as the model saw it (after its ROI steps), to draw the overlay on."""
+        """A stored input as the model saw it (after its ROI steps), to draw an overlay on again."""
         preprocess = self.detector.preprocess
         return preprocess.apply(pixels) if len(preprocess) else pixels
 
@@ -189,22 +179,6 @@ def load_models(specs: Sequence[str | tuple[str, str | Path]], warm_up: bool = T
 
 
 # ---------------------------------------------------------------------------------- pictures
-def encode_png(pixels: np.ndarray) -> bytes:
-    """uint8 (H, W) or RGB (H, W, 3) -> PNG bytes (fast zlib level)."""
-    if pixels.ndim == 3:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:  # pragma: no cover - cv2 only fails on empty arrays
-        raise RuntimeError("PNG encoding failed")
-    return encoded.tobytes()
-
-
-def encode_map(anomaly_map: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, anomaly_map.astype(np.float16), allow_pickle=False)
-    return buffer.getvalue()
-
-
 def image_extension(data: bytes) -> str:
     """File extension from the magic bytes (the original upload is stored verbatim)."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -253,10 +227,10 @@ class InspectionService:
     def decode(self, data: bytes, name: str) -> np.ndarray:
         try:
             return decode_image_bytes(data, name)
+        except ImageTooLargeError as error:
+            raise ApiError(413, _OBJECT_REPR.sub("", str(error))) from None
         except ImageReadError as error:
             raise ApiError(415, _OBJECT_REPR.sub("", str(error))) from None
-        except Image.DecompressionBombError as error:
-            raise ApiError(413, f"cannot read image {name}: too many pixels ({error})") from None
 
     def inspect(self, slot: ModelSlot, data: bytes, name: str, threshold: float | None, started: float) -> Inspection:
         """Decode, predict, store the files, then commit the row (runs in a worker thread)."""
@@ -271,13 +245,12 @@ class InspectionService:
             raise ApiError(415, _OBJECT_REPR.sub("", str(error))) from None
         except DefectlensError as error:  # e.g. the model's region of interest is not in the image
             raise ApiError(422, f"cannot inspect {name} with model {slot.name!r}: {error}") from None
-        prepared = slot.prepared(pixels) if prediction.anomaly_map.shape != pixels.shape[:2] else pixels
+        rendered = render(prediction)  # drawn on the prepared image the model scored
         image_sha = sha256_hex(data)
         image_path = self.files.put(data, image_extension(data), image_sha)
-        overlay = overlay_heatmap(prepared, prediction.anomaly_map, prediction.threshold, prediction.mask)
-        heatmap_path = self.files.put(encode_png(overlay), "png")
-        mask_path = self.files.put(encode_png(mask_image(prediction.mask)), "png")
-        map_path = self.files.put(encode_map(prediction.anomaly_map), "npy")
+        heatmap_path = self.files.put(rendered.heatmap_png, "png")
+        mask_path = self.files.put(rendered.mask_png, "png")
+        map_path = self.files.put(rendered.map_npy, "npy")
         return self.store.add(
             model_name=slot.name,
             model_sha256=slot.sha256,
@@ -311,11 +284,13 @@ class InspectionService:
     def anomaly_map(self, row: Inspection) -> np.ndarray:
         return np.load(self.stored_file(row, row.map_path), allow_pickle=False).astype(np.float32)
 
-    def mask_png(self, row: Inspection, threshold: float) -> bytes:
-        return encode_png(mask_image(self.anomaly_map(row) > threshold))
-
-    def heatmap_png(self, row: Inspection, threshold: float) -> bytes:
+    def picture(self, row: Inspection, kind: Literal["heatmap", "mask"], threshold: float | None) -> bytes | Path:
+        """The stored heat map or mask, or (another threshold) one drawn again from the stored map."""
+        if threshold is None or threshold == row.threshold:
+            return self.stored_file(row, row.heatmap_path if kind == "heatmap" else row.mask_path)
         anomaly_map = self.anomaly_map(row)
+        if kind == "mask":
+            return mask_png(anomaly_map, threshold)
         pixels = decode_image_bytes(self.stored_file(row, row.image_path).read_bytes(), row.image_name or row.id)
         if anomaly_map.shape != pixels.shape[:2]:
             slot = self.models.get(row.model_name)
@@ -323,7 +298,7 @@ class InspectionService:
                 pixels = slot.prepared(pixels)
             if anomaly_map.shape != pixels.shape[:2]:
                 pixels = cv2.resize(pixels, anomaly_map.shape[::-1], interpolation=cv2.INTER_AREA)
-        return encode_png(overlay_heatmap(pixels, anomaly_map, threshold, anomaly_map > threshold))
+        return heatmap_png(pixels, anomaly_map, threshold)
 
     def image_png(self, row: Inspection) -> bytes | Path:
         path = self.stored_file(row, row.image_path)
@@ -475,7 +450,15 @@ def create_app(service: InspectionService) -> FastAPI:
     )
     app.state.service = service
     app.add_middleware(UploadLimit, max_upload_bytes=service.max_upload_bytes)
+    _add_error_handlers(app)
+    _add_inspection_routes(app, service)
+    _add_file_routes(app, service)
+    _add_service_routes(app, service)
+    ui.install(app)
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse({"detail": error.detail, **error.extra}, status_code=error.status_code)
@@ -489,6 +472,8 @@ def create_app(service: InspectionService) -> FastAPI:
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {error.__class__.__name__}: {error}"}, status_code=500)
 
+
+def _add_inspection_routes(app: FastAPI, service: InspectionService) -> None:
     @app.post("/v1/inspect", response_model=InspectionOut, responses=ERRORS, tags=["inspections"])
     async def inspect(
         image: UploadFile | None = File(None, description="the part image (PNG, JPEG, TIFF, BMP, WebP)"),
@@ -536,38 +521,38 @@ def create_app(service: InspectionService) -> FastAPI:
     async def get_inspection(inspection_id: str) -> InspectionOut:
         return InspectionOut.of(await run_in_threadpool(service.row, inspection_id))
 
-    def _png(content: bytes | Path) -> Response:
-        if isinstance(content, Path):
-            return FileResponse(content, media_type="image/png", headers=IMMUTABLE)
-        return Response(content, media_type="image/png", headers=IMMUTABLE)
 
-    png = {200: {"content": {"image/png": {}}, "description": "PNG image"}, **ERRORS}
+def _png(content: bytes | Path) -> Response:
+    if isinstance(content, Path):
+        return FileResponse(content, media_type="image/png", headers=IMMUTABLE)
+    return Response(content, media_type="image/png", headers=IMMUTABLE)
 
-    @app.get("/v1/inspections/{inspection_id}/image.png", response_class=Response, responses=png, tags=["files"])
+
+PNG_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "PNG image"}, **ERRORS}
+
+
+def _add_file_routes(app: FastAPI, service: InspectionService) -> None:
+    @app.get("/v1/inspections/{inspection_id}/image.png", response_class=Response, responses=PNG_RESPONSES, tags=["files"])
     async def inspection_image(inspection_id: str) -> Response:
         row = await run_in_threadpool(service.row, inspection_id)
         return _png(await run_in_threadpool(service.image_png, row))
 
-    @app.get("/v1/inspections/{inspection_id}/heatmap.png", response_class=Response, responses=png, tags=["files"])
-    async def inspection_heatmap(
-        inspection_id: str, threshold: str | None = Query(None, description="re-render at this threshold")
-    ) -> Response:
-        row = await run_in_threadpool(service.row, inspection_id)
-        decision = parse_threshold(threshold)
-        if decision is None or decision == row.threshold:
-            return _png(service.stored_file(row, row.heatmap_path))
-        return _png(await run_in_threadpool(service.heatmap_png, row, decision))
+    for kind, note in (("heatmap", "re-render at this threshold"), ("mask", "re-threshold the stored anomaly map")):
+        _add_picture_route(app, service, kind, note)
 
-    @app.get("/v1/inspections/{inspection_id}/mask.png", response_class=Response, responses=png, tags=["files"])
-    async def inspection_mask(
-        inspection_id: str, threshold: str | None = Query(None, description="re-threshold the stored anomaly map")
-    ) -> Response:
-        row = await run_in_threadpool(service.row, inspection_id)
-        decision = parse_threshold(threshold)
-        if decision is None or decision == row.threshold:
-            return _png(service.stored_file(row, row.mask_path))
-        return _png(await run_in_threadpool(service.mask_png, row, decision))
 
+def _add_picture_route(app: FastAPI, service: InspectionService, kind: Literal["heatmap", "mask"], note: str) -> None:
+    async def picture(inspection_id: str, threshold: str | None = Query(None, description=note)) -> Response:
+        row = await run_in_threadpool(service.row, inspection_id)
+        return _png(await run_in_threadpool(service.picture, row, kind, parse_threshold(threshold)))
+
+    app.add_api_route(
+        f"/v1/inspections/{{inspection_id}}/{kind}.png", picture, methods=["GET"], response_class=Response,
+        responses=PNG_RESPONSES, tags=["files"], name=f"inspection_{kind}",
+    )
+
+
+def _add_service_routes(app: FastAPI, service: InspectionService) -> None:
     @app.get("/v1/models", response_model=ModelList, tags=["service"])
     async def list_models() -> ModelList:
         items = [ModelOut(**slot.info(name == service.default_model)) for name, slot in service.models.items()]
@@ -585,9 +570,6 @@ def create_app(service: InspectionService) -> FastAPI:
             inspections=count,
         )
         return JSONResponse(body.model_dump(), status_code=200 if reachable else 503)
-
-    ui.install(app)
-    return app
 
 
 def build_service(

@@ -14,7 +14,6 @@ A crash between 1 and 2 leaves only unreferenced files, never a dangling row.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import uuid
@@ -31,18 +30,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
 from defectlens.errors import ConfigError
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
+from defectlens.hashing import file_sha256, sha256_hex
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
