@@ -23,18 +23,20 @@ import torch
 
 from defectlens import artifact
 from defectlens.backbones import FeatureExtractor, get_backbone_spec
-from defectlens.calibration import Calibrator, image_scores, score_summary, threshold_f1_optimal, threshold_from_normal_scores
+from defectlens.calibration import CalibratedThresholds, Calibrator, NormalScoreModel, image_scores, score_summary, threshold_f1_optimal
 from defectlens.data.roi import Preprocess
 from defectlens.data.transforms import AugmentationPipeline
 from defectlens.errors import ConfigError, ImageReadError, ModelFileError, NotFittedError
-from defectlens.hashing import file_sha256
 from defectlens.inputs import ImageInput, expand_inputs
 from defectlens.methods import AnomalyMethod, MethodContext, build_method, method_class
 from defectlens.params import constructor_parameters
 from defectlens.postprocess import MapChain
 from defectlens.preprocess import InputPreparation, ScoredImage
 from defectlens.results import FitInfo, Prediction
+from defectlens.rules import InspectionRules
 from defectlens.samples import FitData, ProgressCallback, batched
+from defectlens.settings import as_size, check_same_features, check_settings, json_safe
+from defectlens.verdicts import NOT_OK, judge
 
 logger = logging.getLogger(__name__)
 _NOT_SAVED = ("method", "device")  # the method is saved by name; the device is the loader's choice
@@ -52,9 +54,14 @@ class Detector:
         device: "cpu" or "cuda".
         batch_size: model inputs per backbone / method pass.
         blur_sigma: Gaussian blur of anomaly maps in model-input pixels (0 = none).
-        target_fpr: fraction of normal images allowed above the threshold.
+        target_fpr: fraction of good parts allowed above the NOT OK threshold.
+        review_fpr: with it (> target_fpr), a second, lower threshold: scores between the two
+            are REVIEW (OK below it); None: one threshold, OK / NOT OK.
+        threshold_model: how thresholds come from held-out normal scores: "tail" (conformal,
+            extrapolated by a generalized Pareto tail below what the images support),
+            "conformal", or "quantile" (defectlens 0.1's rule).
         calibration_images: at most this many training images are scored held-out to set the
-            threshold (leave-one-image-out or k-fold, as the method declares).
+            threshold (leave-one-image-out or k-fold, as the method declares); None: all.
         calibration_folds: folds of the k-fold calibration.
         calibration_split: fraction of the training images held out (never fitted on) to set
             the threshold of methods whose calibration is "split" (trained methods).
@@ -68,25 +75,30 @@ class Detector:
         tile_overlap: pixels shared by neighbouring tiles.
         augmentation: fit-time augmentation of epochs after the first (methods that take
             several epochs): a preset ("light", "autovi", "sequential") or a list of step dicts.
+        rules: inspection rules (`defectlens.rules.InspectionRules` or its dict): care and
+            don't-care regions, minimum defect area, maximum defect count, per-zone thresholds.
         **method_options: the method's hyper-parameters (e.g. coreset_ratio, covariance).
     """
 
     def __init__(
         self, method: str = "patchcore", backbone: str = "efficientnet_lite0", image_size: int | Sequence[int] = 256,
         layers: Sequence[str] | None = None, weights: str | Path | None = None, device: str = "cpu",
-        batch_size: int = 16, blur_sigma: float = 4.0, target_fpr: float = 0.01, calibration_images: int = 40,
-        calibration_folds: int = 5, calibration_split: float = 0.1, preprocess: Preprocess | dict[str, Any] | None = None,
+        batch_size: int = 16, blur_sigma: float = 4.0, target_fpr: float = 0.01, review_fpr: float | None = None,
+        threshold_model: str = "tail", calibration_images: int | None = None, calibration_folds: int = 5,
+        calibration_split: float = 0.1, preprocess: Preprocess | dict[str, Any] | None = None,
         circular_padding: bool = False, seed: int = 0, pool_size: int = 1, tile_size: int | None = None,
-        tile_overlap: int = 32, augmentation: str | Sequence[dict[str, Any]] | None = None, **method_options: Any,
+        tile_overlap: int = 32, augmentation: str | Sequence[dict[str, Any]] | None = None,
+        rules: InspectionRules | dict[str, Any] | None = None, **method_options: Any,
     ) -> None:
         spec = get_backbone_spec(backbone)  # fails early with the list of names
-        _check_options(device, batch_size, pool_size, tile_size, tile_overlap, circular_padding, calibration_split)
+        check_settings(device, batch_size, pool_size, tile_size, tile_overlap, circular_padding, calibration_split, target_fpr, review_fpr)
         self.method_name, self.backbone, self.device = method, backbone, device
-        self.image_size = _as_size(image_size)
+        self.image_size = as_size(image_size)
         self.layers = list(layers) if layers else [layer.name for layer in spec.default_layers]
         self.weights = str(weights) if weights else None
         self.batch_size, self.blur_sigma, self.seed = int(batch_size), float(blur_sigma), seed
-        self.target_fpr, self.calibration_images = float(target_fpr), int(calibration_images)
+        self.target_fpr, self.review_fpr, self.threshold_model = float(target_fpr), review_fpr, threshold_model
+        self.calibration_images = None if calibration_images is None else int(calibration_images)
         self.calibration_folds, self.calibration_split = int(calibration_folds), float(calibration_split)
         self.preprocess = preprocess if isinstance(preprocess, Preprocess) else Preprocess.from_dict(preprocess)
         self.circular_padding, self.pool_size = bool(circular_padding), int(pool_size)
@@ -94,6 +106,7 @@ class Detector:
         self.tile_overlap = int(tile_overlap)
         self._augment = AugmentationPipeline.from_config(augmentation) if augmentation else None
         self.augmentation = self._augment.to_config() if self._augment else None
+        self.rules = InspectionRules.from_dict(rules)
         if "seed" in method_class(method).parameters():
             method_options.setdefault("seed", seed)
         self.method: AnomalyMethod = build_method(method, **method_options)
@@ -101,6 +114,8 @@ class Detector:
         if self.tile_size and self.method.config().get("reweight"):
             logger.warning("with tiling the image score is the max of the stitched map: reweighting is not applied")
         self.threshold: float | None = None
+        self.review_threshold: float | None = None
+        self.normal_scores: NormalScoreModel | None = None
         self.fit_info = FitInfo()
         self.metadata: dict[str, Any] = {}
         self._extractor: FeatureExtractor | None = None
@@ -138,15 +153,18 @@ class Detector:
     # ------------------------------------------------------------------ fit
     def fit(
         self, images: ImageInput | Iterable[ImageInput], progress: ProgressCallback | None = None,
-        init: "Detector | str | Path | None" = None,
+        init: "Detector | str | Path | None" = None, validation: ImageInput | Iterable[ImageInput] | None = None,
     ) -> "Detector":
-        """Learn normality from defect-free images and set the threshold; returns self.
+        """Learn normality from defect-free images and set the thresholds; returns self.
 
         Args:
             images: a folder (an MVTec category root means its train/good), paths or arrays.
             progress: optional callback progress(stage, done, total).
             init: a fitted detector or model file whose state this fit starts from
                 (fine-tuning, e.g. synthetic -> real), for methods that support it.
+            validation: good images never fitted on, scored plainly and added to the held-out
+                calibration scores (default: ``validation/good`` of a category root, as MVTec
+                LOCO ships it).
         """
         inputs = expand_inputs(images)
         if not inputs:
@@ -162,7 +180,11 @@ class Detector:
         self.fit_info = FitInfo(len(inputs), data.encode_seconds, elapsed - data.encode_seconds, method=self.method.fit_summary())
         started = time.perf_counter()
         calibrator = Calibrator(self.chain, self.preparation, self.calibration_images, self.calibration_folds, self.seed)
-        self._set_threshold(calibrator.held_out_scores(self.method, data, progress))
+        scores = calibrator.held_out_scores(self.method, data, progress)
+        extra = _validation_inputs(images, validation)
+        if extra:
+            scores = np.concatenate([scores, self._plain_scores(extra, progress)])
+        self._set_thresholds(scores, held_out=len(scores) - len(extra), validation=len(extra))
         self.fit_info.calibration_seconds = time.perf_counter() - started
         return self
 
@@ -174,36 +196,40 @@ class Detector:
         fit_indices = [index for index in range(len(inputs)) if index not in set(held_out)]
         return FitData(inputs, self.preparation, self.encode, self.batch_size, self.seed, self._augment, fit_indices, sorted(held_out), progress)
 
+    def _plain_scores(self, inputs: Sequence[ImageInput], progress: ProgressCallback | None) -> np.ndarray:
+        data = FitData(inputs, self.preparation, self.encode, self.batch_size, self.seed, progress=progress)
+        batches = data.images(torch.arange(len(inputs)), "scoring validation images")
+        return image_scores(self.method, self.chain, self.preparation, ((b, self.method.patch_scores(b.x)) for b in batches))
+
     def calibrate(
         self, images: ImageInput | Iterable[ImageInput], progress: ProgressCallback | None = None,
         labels: Sequence[int] | None = None,
     ) -> "Detector":
-        """Set the threshold from images NOT used for fitting (e.g. after `meld_detectors`).
-
-        Without ``labels`` they are normal images and the threshold is their (1 - target FPR)
-        quantile; with ``labels`` (0 good, 1 defective, one per image) it is the F1-optimal one.
-        """
+        """Set the thresholds from images NOT used for fitting (after `meld_detectors`, or to
+        recalibrate with new good images). Without ``labels`` they are good images; with
+        ``labels`` (0 good, 1 defective, one per image) the threshold is the F1-optimal one."""
         inputs = expand_inputs(images)
         if not inputs:
             raise ConfigError("calibrate needs at least one image")
         started = time.perf_counter()
-        data = FitData(inputs, self.preparation, self.encode, self.batch_size, self.seed, progress=progress)
-        batches = data.images(torch.arange(len(inputs)))
-        scores = image_scores(self.method, self.chain, self.preparation, ((b, self.method.patch_scores(b.x)) for b in batches))
+        scores = self._plain_scores(inputs, progress)
         if labels is None:
-            self._set_threshold(scores)
+            self._set_thresholds(scores, held_out=0, validation=len(inputs))
             self.fit_info.calibration["source"] = f"{len(inputs)} held-out normal images (calibrate)"
         else:
             if len(labels) != len(inputs):
                 raise ConfigError(f"calibrate got {len(labels)} labels for {len(inputs)} images")
-            self.threshold = threshold_f1_optimal(scores, np.asarray(labels))
+            self.threshold, self.review_threshold = threshold_f1_optimal(scores, np.asarray(labels)), None
             self.fit_info.calibration = {**score_summary(scores), "source": f"F1-optimal on {len(inputs)} labelled images"}
         self.fit_info.calibration_seconds = time.perf_counter() - started
         return self
 
-    def _set_threshold(self, normal_scores: np.ndarray) -> None:
-        self.threshold = threshold_from_normal_scores(normal_scores, self.target_fpr)
-        self.fit_info.calibration = score_summary(normal_scores)
+    def _set_thresholds(self, normal_scores: np.ndarray, held_out: int, validation: int) -> None:
+        thresholds = CalibratedThresholds.from_scores(normal_scores, self.target_fpr, self.review_fpr, self.threshold_model)
+        self.threshold = thresholds.not_ok.threshold
+        self.review_threshold = None if thresholds.review is None else thresholds.review.threshold
+        self.normal_scores = thresholds.normal
+        self.fit_info.calibration = {**thresholds.summary(), "held_out_training_images": held_out, "validation_images": validation}
 
     # ------------------------------------------------------------------ predict
     def score_images(self, images: Sequence[np.ndarray]) -> list[ScoredImage]:
@@ -253,20 +279,28 @@ class Detector:
                 if isinstance(item, ImageReadError):
                     yield image, item
                     continue
-                result = next(results)
-                assert result.anomaly_map is not None
-                yield image, Prediction(
-                    result.score, result.anomaly_map, result.anomaly_map > decision, bool(result.score > decision),
-                    decision, item[1], item[0],
-                )
+                yield image, self._prediction(next(results), decision, threshold is None, *item)
+
+    def _prediction(
+        self, result: ScoredImage, decision: float, own_review: bool, image: np.ndarray, source: str | None
+    ) -> Prediction:
+        assert result.anomaly_map is not None
+        review = self.review_threshold if own_review else None
+        judged = judge(result.score, result.anomaly_map, decision, review, self.rules)
+        p_value = None if self.normal_scores is None else self.normal_scores.p_value(judged.score)
+        z_score = None if self.normal_scores is None else self.normal_scores.z_score(judged.score)
+        return Prediction(
+            judged.score, result.anomaly_map, judged.mask, judged.verdict == NOT_OK, decision, source, image,
+            judged.verdict, review, p_value, z_score, judged.reasons, judged.defects,
+        )
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
         """Write the fitted detector to one file (safetensors tensors + JSON metadata)."""
-        params = {name: _json_safe(value) for name, value in self.get_params().items() if name not in _NOT_SAVED}
+        params = {name: json_safe(value) for name, value in self.get_params().items() if name not in _NOT_SAVED}
         contents = artifact.DetectorFile(
-            self.method_name, self.method.config(), params, self._require_fitted(),
-            dataclasses.asdict(self.fit_info), self.method.state(), {},
+            self.method_name, self.method.config(), params, self._require_fitted(), dataclasses.asdict(self.fit_info),
+            self.method.state(), {}, self.review_threshold, None if self.normal_scores is None else self.normal_scores.to_dict(),
         )
         spec = get_backbone_spec(self.backbone)
         return artifact.write_detector(path, contents, {"mean": list(spec.mean), "std": list(spec.std)})
@@ -283,58 +317,17 @@ class Detector:
             detector.fit_info = FitInfo(**contents.fit)
         except (KeyError, TypeError, ValueError, ConfigError) as error:
             raise ModelFileError(f"{path}: model metadata is incomplete or invalid ({error})") from None
-        detector.threshold = contents.threshold
+        detector.threshold, detector.review_threshold = contents.threshold, contents.review_threshold
+        if contents.normal_scores is not None:
+            detector.normal_scores = NormalScoreModel.from_dict(contents.normal_scores)
         detector.metadata = contents.document
         return detector
 
 
-def _check_options(
-    device: str, batch_size: int, pool_size: int, tile_size: int | None, tile_overlap: int, circular_padding: bool,
-    calibration_split: float,
-) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for but no CUDA device is available")
-    if int(batch_size) < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if int(pool_size) < 1:
-        raise ConfigError(f"pool_size must be >= 1, got {pool_size}")
-    if not 0.0 < float(calibration_split) < 1.0:
-        raise ConfigError(f"calibration_split must be in (0, 1), got {calibration_split}")
-    if tile_size is not None:
-        if int(tile_size) < 16:
-            raise ConfigError(f"tile_size must be at least 16 px, got {tile_size}")
-        if not 0 <= int(tile_overlap) < int(tile_size):
-            raise ConfigError(f"tile_overlap must be in [0, tile_size {tile_size}), got {tile_overlap}")
-        if circular_padding:
-            raise ConfigError("tiling and circular_padding cannot be combined (tiles break the x period)")
-
-
-def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(side) for side in image_size)
-    if len(size) != 2 or min(size) < 16:
-        raise ConfigError(f"image_size must be an int or (height, width) of at least 16 px, got {image_size!r}")
-    return size  # type: ignore[return-value]
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, Preprocess):
-        return value.to_dict()
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def feature_signature(detector: Detector) -> dict[str, Any]:
-    """What makes two detectors' patch features comparable."""
-    weights = detector.weights
-    if weights and Path(weights).is_file():
-        weights = file_sha256(weights)
-    return {"backbone": detector.backbone, "layers": detector.layers, "image_size": list(detector.image_size), "weights": weights}
-
-
-def check_same_features(detector: Detector, other: Detector, what: str) -> None:
-    """ConfigError naming what differs when ``other``'s features are not ``detector``'s."""
-    mine, theirs = feature_signature(detector), feature_signature(other)
-    different = [f"{key} {theirs[key]!r} (not {mine[key]!r})" for key in mine if mine[key] != theirs[key]]
-    if different:
-        raise ConfigError(f"{what} has other features: {', '.join(different)}")
+def _validation_inputs(images: Any, validation: ImageInput | Iterable[ImageInput] | None) -> list[ImageInput]:
+    """The validation images given, or ``validation/good`` beside a category root's train/."""
+    if validation is not None:
+        return expand_inputs(validation)
+    if isinstance(images, (str, Path)) and (Path(images) / "validation" / "good").is_dir():
+        return expand_inputs(Path(images) / "validation" / "good")
+    return []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,13 +29,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from defectlens import metrics
-from defectlens.data.datasets import Sample, open_dataset
+from defectlens.data.datasets import Sample, dataset_warnings, open_dataset
 from defectlens.data.images import read_mask
 from defectlens.errors import DatasetError
 from defectlens.metrics.instances import defect_wise_recall
 from defectlens.metrics.pixel import resolve, squeeze_to_2d
 from defectlens.metrics.spro import DEFAULT_SPRO_LIMITS, read_channel_dir
 
+logger = logging.getLogger(__name__)
 AUPRO_LIMITS = (0.3, 0.1, 0.05, 0.01, 1.0)
 TNRS = (0.9, 0.95, 0.99)
 _IN_MEMORY_PIXELS = 64 * 1024 * 1024  # beyond this, maps are spilled to .npy files
@@ -50,6 +52,7 @@ class EvaluationRun:
     threshold: float | None
     seconds_per_image: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    verdicts: list[str] | None = None  # "OK" / "REVIEW" / "NOT OK" per sample (a model's own)
     defects_config: Any = None  # LOCO defects_config.json (path or parsed) for sPRO
 
 
@@ -89,11 +92,13 @@ def run_detector(detector: Any, samples: Sequence[Sample], progress: Callable[[s
     spill_dir: Path | None = None
     pixels_held = 0
     started = time.perf_counter()
+    verdicts: list[str] = []
     for start in range(0, len(samples), detector.batch_size):
         chunk = samples[start : start + detector.batch_size]
         predictions = detector.predict_batch([sample.path for sample in chunk])
         for offset, prediction in enumerate(predictions):
             scores.append(prediction.score)
+            verdicts.append(prediction.verdict)
             pixels_held += prediction.anomaly_map.size
             if pixels_held > _IN_MEMORY_PIXELS:
                 if spill_dir is None:
@@ -106,14 +111,40 @@ def run_detector(detector: Any, samples: Sequence[Sample], progress: Callable[[s
         if progress:
             progress("evaluating", min(start + detector.batch_size, len(samples)), len(samples))
     elapsed = time.perf_counter() - started
-    return EvaluationRun(list(samples), np.asarray(scores), maps, detector.threshold, elapsed / max(1, len(samples)))
+    return EvaluationRun(
+        list(samples), np.asarray(scores), maps, detector.threshold, elapsed / max(1, len(samples)), verdicts=verdicts
+    )
 
 
 def _labels(samples: Sequence[Sample]) -> np.ndarray:
     return np.asarray([sample.label for sample in samples], dtype=np.int64)
 
 
-def image_report(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> dict[str, Any]:
+def verdict_report(verdicts: Sequence[str], labels: np.ndarray) -> dict[str, Any]:
+    """Verdict counts per class, the false-alarm rate (NOT OK among good parts) and the miss
+    rate (OK among defective parts) with 95 % Clopper-Pearson intervals, and REVIEW rates;
+    rates are None where a class is absent."""
+    from defectlens.calibration import clopper_pearson
+
+    verdict_array = np.asarray(list(verdicts))
+    report: dict[str, Any] = {}
+    for name, label, wrong in (("good", 0, "NOT OK"), ("defective", 1, "OK")):
+        of_class = verdict_array[labels == label]
+        count = {state: int((of_class == state).sum()) for state in ("OK", "REVIEW", "NOT OK")}
+        total = int(of_class.size)
+        rate_name = "false_alarm" if label == 0 else "miss"
+        report[name] = {
+            "count": total, **count,
+            f"{rate_name}_rate": count[wrong] / total if total else None,
+            f"{rate_name}_interval": list(clopper_pearson(count[wrong], total)) if total else None,
+            "review_rate": count["REVIEW"] / total if total else None,
+        }
+    return report
+
+
+def image_report(
+    scores: np.ndarray, labels: np.ndarray, threshold: float | None, verdicts: Sequence[str] | None = None
+) -> dict[str, Any]:
     f1, f1_threshold = metrics.f1_max(scores, labels)
     tpr = metrics.tpr_at_tnr(scores, labels, TNRS)
     report: dict[str, Any] = {
@@ -133,6 +164,14 @@ def image_report(scores: np.ndarray, labels: np.ndarray, threshold: float | None
     if threshold is not None:
         report["threshold"] = threshold
         report["at_threshold"] = metrics.classification_at_threshold(scores, labels, threshold)
+    if verdicts is not None:
+        report["verdicts"] = verdict_report(verdicts, labels)
+        flagged = np.asarray([verdict == "NOT OK" for verdict in verdicts])  # the model's own verdicts (rules applied)
+        positive = labels == 1
+        report["at_threshold"] = metrics.counts_summary(
+            tp=int((flagged & positive).sum()), fp=int((flagged & ~positive).sum()),
+            tn=int((~flagged & ~positive).sum()), fn=int((~flagged & positive).sum()),
+        )
     return report
 
 
@@ -142,7 +181,7 @@ def metrics_report(run: EvaluationRun, fit_seconds: float | None = None) -> dict
     labels = _labels(samples)
     masks = [_mask_loader(sample) for sample in samples]
     has_masks = any(mask is not None for mask in masks)
-    report: dict[str, Any] = {"image": image_report(run.scores, labels, run.threshold)}
+    report: dict[str, Any] = {"image": image_report(run.scores, labels, run.threshold, run.verdicts)}
     if has_masks:
         pixel = metrics.pixel_metrics(run.anomaly_maps, masks, AUPRO_LIMITS, with_curve=True)
         report["pixel"] = {
@@ -217,13 +256,17 @@ def per_defect_type(run: EvaluationRun, labels: np.ndarray) -> dict[str, Any]:
             "count": int(chosen.sum()),
             "mean_score": float(run.scores[chosen].mean()),
         }
+        flagged = (
+            np.asarray([verdict == "NOT OK" for verdict in run.verdicts]) if run.verdicts is not None
+            else run.scores > run.threshold if run.threshold is not None else None
+        )
         if defect_type != "good":
             versus_good = chosen | good
             entry["image_auroc"] = metrics.image_auroc(run.scores[versus_good], labels[versus_good])
-            if run.threshold is not None:
-                entry["detected"] = int((run.scores[chosen] > run.threshold).sum())
-        elif run.threshold is not None:
-            entry["false_alarms"] = int((run.scores[chosen] > run.threshold).sum())
+            if flagged is not None:
+                entry["detected"] = int(flagged[chosen].sum())
+        elif flagged is not None:
+            entry["false_alarms"] = int(flagged[chosen].sum())
         table[defect_type] = entry
     return table
 
@@ -247,13 +290,20 @@ def evaluate_run(detector: Any, dataset: Any, progress: Callable[[str, int, int]
                  ) -> tuple[dict[str, Any], EvaluationRun]:
     """Like :func:`evaluate`, also returning the run (scores, maps) for plots and galleries."""
     dataset = _as_dataset(dataset)
-    run = run_detector(detector, dataset.test_samples(), progress)
+    samples = dataset.test_samples()
+    warnings = dataset_warnings(dataset, samples)
+    for warning in warnings:
+        logger.warning(warning)
+    run = run_detector(detector, samples, progress)
     run.defects_config = getattr(dataset, "defects_config", None)
     fit = detector.fit_info
     fit_seconds = fit.feature_seconds + fit.method_seconds + fit.calibration_seconds
     report = metrics_report(run, fit_seconds or None)
-    report["data"] = _data_info(dataset)
-    report["model"] = {"method": detector.method_name, "backbone": detector.backbone, "threshold": detector.threshold}
+    report["data"] = {**_data_info(dataset), "warnings": warnings}
+    report["model"] = {
+        "method": detector.method_name, "backbone": detector.backbone, "threshold": detector.threshold,
+        "review_threshold": detector.review_threshold,
+    }
     return report, run
 
 

@@ -69,12 +69,19 @@ def render(prediction: "Prediction") -> RenderedPrediction:
 
 
 def result_record(prediction: "Prediction", **extra: Any) -> dict[str, Any]:
-    """The JSON row of a prediction: path, score, verdict, threshold, plus ``extra``."""
+    """The JSON row of a prediction: path, verdict, score (also as p-value and z), thresholds,
+    why (reasons, defects), plus ``extra``."""
     return {
         "path": prediction.source,
+        "verdict": prediction.verdict,
         "score": prediction.score,
+        "p_value": prediction.p_value,
+        "z_score": prediction.z_score,
         "is_anomalous": prediction.is_anomalous,
         "threshold": prediction.threshold,
+        "review_threshold": prediction.review_threshold,
+        "reasons": prediction.reasons,
+        "defects": prediction.defects,
         **extra,
     }
 

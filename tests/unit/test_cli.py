@@ -62,7 +62,12 @@ def test_predict_goes_on_past_bad_files_and_exits_non_zero(model, category, tmp_
     assert "error" in lines[1] and "error" in lines[3]
     assert lines[2]["is_anomalous"] and not lines[0]["is_anomalous"]
     for line in (lines[0], lines[2]):
-        assert set(line) == {"path", "score", "is_anomalous", "threshold", "heatmap", "mask"}
+        assert set(line) == {
+            "path", "verdict", "score", "p_value", "z_score", "is_anomalous", "threshold", "review_threshold",
+            "reasons", "defects", "heatmap", "mask",
+        }
+        assert line["verdict"] == ("NOT OK" if line["is_anomalous"] else "OK")
+        assert 0.0 < line["p_value"] <= 1.0
         heatmap = np.asarray(Image.open(line["heatmap"]))
         mask = np.asarray(Image.open(line["mask"]))
         assert heatmap.shape == (64, 64, 3) and mask.shape == (64, 64)

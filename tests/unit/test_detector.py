@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import torch
 
-from defectlens.calibration import threshold_from_normal_scores
+from defectlens.calibration import NormalScoreModel, threshold_from_normal_scores
 from defectlens.detector import Detector
 from defectlens.methods import Padim
 from defectlens.errors import ConfigError, DatasetError, ModelFileError, NotFittedError
@@ -71,7 +71,12 @@ def test_threshold_comes_from_held_out_normal_scores(fitted, normal_images):
     info = fitted.fit_info
     assert info.num_images == 12 and info.calibration["num_scores"] == 12
     held_out = _independent_held_out_scores(fitted, normal_images)
-    assert fitted.threshold == pytest.approx(threshold_from_normal_scores(held_out, fitted.target_fpr), rel=1e-5)
+    expected = NormalScoreModel(held_out).threshold(fitted.target_fpr, fitted.threshold_model)
+    assert fitted.threshold == pytest.approx(expected.threshold, rel=1e-5)
+    stated = info.calibration["threshold"]
+    assert stated["extrapolated"] and stated["num_scores"] == 12  # 12 images cannot support 1 %: said so
+    assert stated["fpr_interval"][0] <= stated["estimated_fpr"] <= stated["fpr_interval"][1]
+    assert info.calibration["warnings"] and "below what 12 held-out normal images support" in info.calibration["warnings"][0]
     in_sample = np.asarray([p.score for p in fitted.predict_batch(normal_images)])
     # in-sample calibration would have set a lower threshold: training images score lower seen
     assert threshold_from_normal_scores(in_sample, fitted.target_fpr) < 0.98 * fitted.threshold
@@ -192,16 +197,15 @@ def test_patchcore_reweighting_keeps_the_ranking(normal_images):
     assert 0 < scores[0] < scores[1]
 
 
-def test_f1_optimal_threshold_on_a_labelled_validation_set(fitted):
-    import copy
-
+def test_f1_optimal_threshold_on_a_labelled_validation_set(fitted, tmp_path):
     from defectlens.metrics import f1_max
+
+    path = fitted.save(tmp_path / "model.dlens")
 
     good = textured_images(4, seed=31)
     bad = [with_square_defect(image, 10 + 5 * k, 12, 10)[0] for k, image in enumerate(textured_images(4, seed=32))]
     labels = [0] * 4 + [1] * 4
-    detector = copy.deepcopy(fitted)
-    detector.calibrate([*good, *bad], labels=labels)
+    detector = Detector.load(path).calibrate([*good, *bad], labels=labels)
     scores = np.asarray([p.score for p in fitted.predict_batch([*good, *bad])])
     best_f1, best_threshold = f1_max(scores, np.asarray(labels))
     assert detector.threshold == pytest.approx(best_threshold) and best_f1 == 1.0
@@ -209,4 +213,4 @@ def test_f1_optimal_threshold_on_a_labelled_validation_set(fitted):
     verdicts = [p.is_anomalous for p in detector.predict_batch([*good, *bad])]
     assert verdicts == [bool(label) for label in labels]
     with pytest.raises(ConfigError, match="good and defective"):
-        copy.deepcopy(fitted).calibrate(good, labels=[0] * 4)
+        Detector.load(path).calibrate(good, labels=[0] * 4)

@@ -54,7 +54,15 @@ def test_f1_max_is_the_best_over_all_thresholds_and_its_threshold_reproduces_it(
 
 
 def test_f1_max_threshold_minus_inf_when_flagging_everything_is_best() -> None:
-    assert f1_max([0.2, 0.4], [1, 1]) == (1.0, -math.inf)
+    assert f1_max([0.2, 0.4, 0.1], [1, 1, 0]) == (1.0, 0.1)
+    assert f1_max([0.5, 0.4, 0.1], [1, 1, 0])[0] == 1.0
+    assert f1_max([0.2, 0.4, 0.3], [1, 0, 1]) == (pytest.approx(0.8), -math.inf)  # flag all: P 2/3, R 1
+
+
+def test_ap_and_f1_are_undefined_without_both_classes() -> None:
+    # with no good image every ranking would have AP = F1 = 1: the metrics say nothing, so None
+    assert f1_max([0.2, 0.4], [1, 1]) == (None, None)
+    assert average_precision([0.2, 0.4], [1, 1]) is None and average_precision([0.2, 0.4], [0, 0]) is None
 
 
 def test_normal_quantile_threshold_convention() -> None:

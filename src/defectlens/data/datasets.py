@@ -172,8 +172,8 @@ class MVTecLOCO(_ChannelDataset):
 
     kind = "mvtec_loco"
 
-    def __init__(self, root: PathLike) -> None:
-        super().__init__(root, require_config=True)
+    def __init__(self, root: PathLike, require_config: bool = True) -> None:
+        super().__init__(root, require_config=require_config)
 
 
 class AutoVI(_ChannelDataset):
@@ -202,11 +202,33 @@ def _has_channel_folders(root: Path) -> bool:
     return False
 
 
+def dataset_warnings(dataset: object, samples: Sequence[Sample]) -> list[str]:
+    """What a test set lacks for a meaningful evaluation, each naming the folder or file."""
+    root = Path(getattr(dataset, "root", "."))
+    warnings = []
+    good = sum(sample.label == 0 for sample in samples)
+    if good == 0:
+        extra = ""
+        if (root / "validation" / GOOD).is_dir():
+            extra = f" ({root / 'validation' / GOOD} holds good images: they are for calibration, fit --validation)"
+        warnings.append(f"no good test images in {root / 'test' / GOOD}: image AUROC, AP and F1 are undefined (null){extra}")
+    if good == len(samples):
+        warnings.append(f"no defective test images under {root / 'test'}: image AUROC, AP and F1 are undefined (null)")
+    missing = [s.path.name for s in samples if s.label == 1 and s.mask_path is None and s.channel_dir is None]
+    if missing:
+        warnings.append(f"{len(missing)} defective image(s) have no ground-truth mask under {root / 'ground_truth'} "
+                        f"(e.g. {missing[0]}): they count in image metrics only")
+    if isinstance(dataset, _ChannelDataset) and dataset.defects_config is None:
+        warnings.append(f"{root / DEFECTS_CONFIG} is missing: sPRO / AUsPRO skipped (it needs the defects' saturation "
+                        "thresholds); pixel metrics use the union of the ground-truth channels")
+    return warnings
+
+
 def open_dataset(root: PathLike) -> MVTecAD | MVTecLOCO | AutoVI | ImageFolder:
     """Open a labelled test set, recognizing its layout.
 
-    * ``defects_config.json`` and ``test/logical_anomalies`` or ``test/structural_anomalies``
-      -> :class:`MVTecLOCO`;
+    * ``test/logical_anomalies`` or ``test/structural_anomalies`` -> :class:`MVTecLOCO`
+      (without ``defects_config.json`` sPRO is skipped, `dataset_warnings` says so);
     * ``defects_config.json`` or channel folders in ``ground_truth/<defect>/<stem>/`` ->
       :class:`AutoVI`;
     * a ``test/`` folder -> :class:`MVTecAD` (also PIPED and other data in that layout);
@@ -220,8 +242,8 @@ def open_dataset(root: PathLike) -> MVTecAD | MVTecLOCO | AutoVI | ImageFolder:
         raise DatasetError(f"data set folder not found: {directory}")
     if (directory / "test").is_dir():
         has_config = (directory / DEFECTS_CONFIG).is_file()
-        if has_config and any((directory / "test" / name).is_dir() for name in LOCO_DEFECT_FOLDERS):
-            return MVTecLOCO(directory)
+        if any((directory / "test" / name).is_dir() for name in LOCO_DEFECT_FOLDERS):
+            return MVTecLOCO(directory, require_config=has_config)
         if has_config or _has_channel_folders(directory):
             return AutoVI(directory)
         return MVTecAD(directory)

@@ -87,9 +87,10 @@ def image_auroc(scores: Iterable[float], labels: Iterable[Any]) -> float | None:
 
 
 def average_precision(scores: Iterable[float], labels: Iterable[Any]) -> float | None:
-    """Average precision (scikit-learn, step-wise, no interpolation); None without defects."""
+    """Average precision (scikit-learn, step-wise, no interpolation); None unless both good and
+    defective images are present (with no good image every ranking has AP 1: meaningless)."""
     score_array, label_array = _scores_and_labels(scores, labels)
-    if not label_array.any():
+    if label_array.all() or not label_array.any():
         return None
     return float(average_precision_score(label_array, score_array))
 
@@ -101,10 +102,10 @@ def f1_max(scores: Iterable[float], labels: Iterable[Any]) -> tuple[float | None
         ``(f1, threshold)`` where anomalous = ``score > threshold``. The threshold is an
         observed score: the highest one below the lowest score flagged (or -inf when
         flagging every image is best). Among equal F1 values the highest threshold wins.
-        ``(None, None)`` when there is no defective image.
+        ``(None, None)`` unless both good and defective images are present.
     """
     score_array, label_array = _scores_and_labels(scores, labels)
-    if not label_array.any():
+    if label_array.all() or not label_array.any():
         return None, None
     precision, recall, thresholds_at_least = precision_recall_curve(label_array, score_array)
     precision, recall = precision[:-1], recall[:-1]  # last point: nothing flagged
