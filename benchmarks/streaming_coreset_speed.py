@@ -10,6 +10,13 @@ set: its memory is the coreset's (the (M, M) distance matrix dominates, M^2 * 4 
     .venv/bin/python benchmarks/streaming_coreset_speed.py
     .venv/bin/python benchmarks/streaming_coreset_speed.py --patches 100000 --size 5000 --epochs 3
     .venv/bin/python benchmarks/streaming_coreset_speed.py --device cuda   # where one is there
+    .venv/bin/python benchmarks/streaming_coreset_speed.py --data ../shared/data/mvtec_ad/transistor
+
+With ``--data`` (an MVTec category root): real fits instead. Greedy PatchCore (coreset ratio
+--coreset-ratio) and Sequential PatchCore with M = the greedy bank's size (--epochs passes) are
+fitted with the same Detector settings; the method's own seconds (coreset selection, after the
+backbone features; ``FitInfo.method_seconds``), the feature and calibration seconds and the
+ratio are printed. ``--save-model`` keeps the greedy model (for benchmarks/knn_search.py).
 
 Peak RSS is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of this process.
 """
@@ -54,6 +61,31 @@ class StructuredPatches:
         return torch.relu(z @ self.mapping) + 0.02 * torch.randn(n, self.dim, generator=g)
 
 
+def real_fits(args: argparse.Namespace) -> None:
+    """Greedy PatchCore vs Sequential PatchCore on real images, the same coreset size."""
+    from defectlens.detector import Detector
+
+    rows = {}
+    greedy = Detector(method="patchcore", image_size=args.image_size, coreset_ratio=args.coreset_ratio)
+    start = time.perf_counter()
+    greedy.fit(args.data)
+    rows["patchcore"] = {**vars(greedy.fit_info), "wall_s": time.perf_counter() - start}
+    size = int(greedy.method.memory_bank.shape[0])
+    if args.save_model:
+        greedy.save(args.save_model)
+    sequential = Detector(method="sequential_patchcore", image_size=args.image_size, coreset_size=size, epochs=args.epochs)
+    start = time.perf_counter()
+    sequential.fit(args.data)
+    rows["sequential_patchcore"] = {**vars(sequential.fit_info), "wall_s": time.perf_counter() - start}
+    keys = ("feature_seconds", "method_seconds", "calibration_seconds", "wall_s")
+    result = {name: {key: round(float(row[key]), 2) for key in keys} for name, row in rows.items()}
+    result["sequential_patchcore"]["changes_per_epoch"] = list(sequential.method.changes_per_epoch)
+    result.update(coreset_size=size, threads=torch.get_num_threads(),
+                  method_seconds_ratio=round(rows["sequential_patchcore"]["method_seconds"] / rows["patchcore"]["method_seconds"], 2),
+                  peak_rss_mib=round(_peak_rss_mib(), 1))
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patches", type=int, default=400_000)
@@ -64,9 +96,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help='"cpu" or "cuda"')
+    parser.add_argument("--data", help="an MVTec category root: real greedy vs sequential fits (see above)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--save-model", help="with --data: write the greedy PatchCore model here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.data:
+        real_fits(args)
+        return
 
     data = StructuredPatches(args.patches, args.dim, args.batch, args.seed)
     start = time.perf_counter()

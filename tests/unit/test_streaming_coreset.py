@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,3 +234,136 @@ def test_copies_are_not_appended_while_filling():
     assert core.update(stream[6:]) == sum(ref.add(p) for p in torch.cat([stream, x[:3], stream[6:]])) - 3
     assert torch.equal(core.coreset(), ref.features())
     assert StreamingCoreset(5, 3).update(stream[:6]) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled replacement loop against a saved copy of the torch implementation it replaced.
+
+
+class SlowReplacementLoop(StreamingCoreset):
+    """The replacement loop as it was before the compiled kernel (a saved copy): one patch at a
+    time in torch ops, the (M, M) matrix updated by a row and a strided column write."""
+
+    def _update_chunk(self, chunk, chunk_origin=None):
+        chunk_sq = (chunk * chunk).sum(1)
+        to_bank = squared_distances(chunk, self.features, chunk_sq, self._sq)
+        d_p, d_p_idx = to_bank.min(1)
+        within = None
+        replaced = 0
+        pos = 0
+        n = chunk.shape[0]
+        while pos < n:
+            d_m = self._nn_val[self._closest]
+            hits = torch.nonzero(d_p[pos:] > d_m)
+            if hits.numel() == 0:
+                break
+            i = pos + int(hits[0, 0])
+            if within is None:
+                within = squared_distances(chunk, chunk, chunk_sq, chunk_sq)
+            slot = self._slow_victim()
+            row = to_bank[i].clone()
+            row[slot] = math.inf
+            self._slow_replace(slot, chunk[i], chunk_sq[i], row)
+            if chunk_origin is not None:
+                self.origin[slot] = chunk_origin[i]
+            replaced += 1
+            pos = i + 1
+            if pos < n:
+                self._slow_refresh(to_bank, d_p, d_p_idx, within[pos:, i], slot, pos)
+        return replaced
+
+    def _slow_victim(self):
+        a = self._closest
+        b = int(self._nn_idx[a])
+        row_a, row_b = self._dist[a], self._dist[b]
+        pair = row_a[b].clone()
+        row_a[b] = math.inf
+        second_a = row_a.min()
+        row_a[b] = pair
+        row_b[a] = math.inf
+        second_b = row_b.min()
+        row_b[a] = pair
+        return b if bool(second_b < second_a) else a
+
+    def _slow_replace(self, slot, vector, vector_sq, row):
+        self.features[slot] = vector
+        self._sq[slot] = vector_sq
+        self._dist[slot] = row
+        self._dist[:, slot] = row
+        nn_val, nn_idx = self._nn_val, self._nn_idx
+        rows = torch.nonzero((row <= nn_val) | (nn_idx == slot)).squeeze(1)
+        if rows.numel():
+            nn_val[rows], nn_idx[rows] = self._dist[rows].min(1)
+        nn_val[slot], nn_idx[slot] = row.min(0)
+        self._closest = int(nn_val.argmin())
+
+    @staticmethod
+    def _slow_refresh(to_bank, d_p, d_p_idx, new_column, slot, pos):
+        to_bank[pos:, slot] = new_column
+        val, idx = d_p[pos:], d_p_idx[pos:]
+        lost = idx == slot
+        better = new_column < val
+        lost &= ~better
+        val.copy_(torch.where(better, new_column, val))
+        idx.masked_fill_(better, slot)
+        rows = torch.nonzero(lost).squeeze(1)
+        if rows.numel():
+            val[rows], idx[rows] = to_bank[rows + pos].min(1)
+
+
+def assert_identical_runs(data, origin, size, batches, epochs, dtype=torch.float32, chunk_size=None):
+    """Fast and saved-copy coresets streamed the same way end in the same state, epoch by epoch."""
+    fast = StreamingCoreset(size, data.shape[1], dtype=dtype, chunk_size=chunk_size, track_origin=True)
+    slow = SlowReplacementLoop(size, data.shape[1], dtype=dtype, chunk_size=chunk_size, track_origin=True)
+    total = 0
+    for _ in range(epochs):
+        changes = []
+        for core in (fast, slow):
+            changes.append(sum(core.update(data[s : s + batches], origin[s : s + batches])
+                               for s in range(0, data.shape[0], batches)))
+        assert changes[0] == changes[1]
+        total += changes[0]
+        assert torch.equal(fast.coreset(), slow.coreset())  # same vectors in the same slots
+        assert torch.equal(fast.coreset_origin(), slow.coreset_origin())
+        assert torch.equal(fast._dist, slow._dist)
+        assert torch.equal(fast._nn_val, slow._nn_val) and torch.equal(fast._nn_idx, slow._nn_idx)
+        assert fast._closest == slow._closest and fast.num_replaced == slow.num_replaced
+    return fast, total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_loop_is_identical_to_the_torch_loop_on_random_data(dtype):
+    g = torch.Generator().manual_seed(11)
+    data = structured(3000, 24, seed=12, dtype=dtype)
+    data[1500:1700] = data[torch.randint(1500, (200,), generator=g)]  # exact duplicates
+    data[2000:2100] = (data[2000:2100] * 4).round() / 4  # ties
+    origin = torch.arange(3000) // 100
+    fast, replaced = assert_identical_runs(data, origin, 150, 512, 3, dtype, chunk_size=97)
+    assert replaced > 150  # the loop really ran
+
+
+def test_compiled_loop_is_identical_to_the_torch_loop_on_real_features(transistor_root):
+    from PIL import Image
+
+    from defectlens.backbones import FeatureExtractor
+
+    paths = sorted((transistor_root / "train" / "good").glob("*.png"))[:24]
+    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((128, 128)), np.float32) / 255 for p in paths])
+    with torch.inference_mode():
+        feats = FeatureExtractor("efficientnet_lite0")(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+    patches = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).contiguous()  # 24 x 256 patches
+    origin = torch.arange(24).repeat_interleave(256)
+    _, replaced = assert_identical_runs(patches, origin, 400, 1024, 2)
+    assert replaced > 400
+
+
+def test_torch_fallback_matches_the_compiled_loop(monkeypatch):
+    import defectlens.ops.streaming_coreset as module
+
+    data = structured(1500, 12, seed=13, dtype=torch.float32)
+    compiled = StreamingCoreset(60, 12, chunk_size=64)
+    compiled.update(data)
+    monkeypatch.setattr(module, "_replace_chunk", None)  # no numba: the torch loop
+    fallback = StreamingCoreset(60, 12, chunk_size=64)
+    fallback.update(data)
+    assert torch.equal(compiled.coreset(), fallback.coreset()) and torch.equal(compiled._dist, fallback._dist)

@@ -56,9 +56,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from defectlens.errors import ConfigError
+
+try:  # the replacement loop runs compiled where numba is installed (CPU); torch otherwise
+    from numba import njit
+except ImportError:  # pragma: no cover - exercised where numba is not installed
+    njit = None
 
 # Squared distances below _ZERO_TOLERANCE * eps(dtype) * (|x|^2 + |y|^2) are rounding noise of
 # the matmul formula and are treated as 0 (for float32: points closer than ~0.3 % of their norm).
@@ -66,6 +72,126 @@ _ZERO_TOLERANCE = 32.0
 # Default chunk: about this many squared distances (C x M) per block (16 MiB in float32, so a
 # block and its temporaries stay in a large L3 cache).
 _BLOCK_ELEMENTS = 1 << 22
+
+
+_replace_chunk = None
+if njit is not None:
+
+    @njit(nogil=True, cache=True, boundscheck=False)
+    def _first_min(values):  # pragma: no cover - compiled
+        """(min, first index of the min) of a 1-d array (as torch's min(0) on CPU)."""
+        best = values[0]
+        where = 0
+        for j in range(1, values.shape[0]):
+            if values[j] < best:
+                best = values[j]
+                where = j
+        return best, where
+
+    @njit(nogil=True, cache=True, boundscheck=False)
+    def _bring_row_up_to_date(matrix, r, row_stamp, replaced_at, clock):  # pragma: no cover - compiled
+        """Row r of the lazily symmetric matrix: copy in the entries (r, j) of every slot j
+        replaced after the row was last up to date (their value is in row j)."""
+        stamp = row_stamp[r]
+        for j in range(matrix.shape[0]):
+            if replaced_at[j] > stamp:
+                matrix[r, j] = matrix[j, r]
+        row_stamp[r] = clock
+
+    @njit(nogil=True, cache=True, boundscheck=False)
+    def _bring_all_up_to_date(matrix, row_stamp, replaced_at, clock):  # pragma: no cover - compiled
+        """Every row up to date: the matrix is symmetric again."""
+        oldest = row_stamp.min()
+        slots = np.nonzero(replaced_at > oldest)[0]
+        for r in range(matrix.shape[0]):
+            stamp = row_stamp[r]
+            for j in slots:
+                if replaced_at[j] > stamp:
+                    matrix[r, j] = matrix[j, r]
+            row_stamp[r] = clock
+
+    @njit(nogil=True, cache=True, boundscheck=False)
+    def _replace_chunk(  # pragma: no cover - compiled
+        chunk, chunk_sq, to_bank, d_p, d_p_idx, within, features, sq, matrix, nn_val, nn_idx,
+        origin, chunk_origin, closest, row, lost, row_stamp, replaced_at, clock,
+    ):
+        """The replacement rule for chunk rows 0..C-1 in order, on the full coreset, in place.
+
+        Exactly ``SlowReplacementLoop`` / the torch path of ``_update_chunk`` (same comparisons,
+        same first-index tie rules, no arithmetic on distances), except that the matrix is kept
+        symmetric lazily: a replacement writes its row only; the column entries are copied from
+        the rows when a row is read (``_bring_row_up_to_date``). Returns (replacements, closest
+        row, clock). ``origin``/``chunk_origin`` of length 0: no origin tracking; ``row`` (M,)
+        and ``lost`` (M,) are scratch.
+        """
+        n = chunk.shape[0]
+        m = matrix.shape[0]
+        track = origin.shape[0] > 0
+        replaced = 0
+        pos = 0
+        while pos < n:
+            d_m = nn_val[closest]
+            i = -1
+            for r in range(pos, n):
+                if d_p[r] > d_m:
+                    i = r
+                    break
+            if i < 0:
+                break
+            # victim: the member of the closest pair whose second-nearest vector is closer
+            a = closest
+            b = nn_idx[a]
+            _bring_row_up_to_date(matrix, a, row_stamp, replaced_at, clock)
+            _bring_row_up_to_date(matrix, b, row_stamp, replaced_at, clock)
+            second_a = np.inf
+            second_b = np.inf
+            for j in range(m):
+                if j != b and matrix[a, j] < second_a:
+                    second_a = matrix[a, j]
+                if j != a and matrix[b, j] < second_b:
+                    second_b = matrix[b, j]
+            slot = b if second_b < second_a else a
+            for j in range(m):
+                row[j] = to_bank[i, j]
+            row[slot] = np.inf
+            features[slot] = chunk[i]
+            sq[slot] = chunk_sq[i]
+            clock += 1
+            replaced_at[slot] = clock
+            row_stamp[slot] = clock
+            # one pass: the new row; rows whose nearest vector was `slot` are re-scanned after
+            # it, the others take the new vector if it is nearer (on a tie, the lower index -
+            # what a full re-scan with first-index ties gives)
+            lost_count = 0
+            for r in range(m):
+                v = row[r]
+                matrix[slot, r] = v
+                if nn_idx[r] == slot:
+                    lost[lost_count] = r
+                    lost_count += 1
+                elif v <= nn_val[r] and (v < nn_val[r] or slot < nn_idx[r]):
+                    nn_val[r] = v
+                    nn_idx[r] = slot
+            for t in range(lost_count):
+                r = lost[t]
+                _bring_row_up_to_date(matrix, r, row_stamp, replaced_at, clock)
+                nn_val[r], nn_idx[r] = _first_min(matrix[r])
+            nn_val[slot], nn_idx[slot] = _first_min(row)
+            closest = _first_min(nn_val)[1]
+            if track:
+                origin[slot] = chunk_origin[i]
+            replaced += 1
+            pos = i + 1
+            # the chunk's later rows: slot now holds chunk row i
+            for r in range(pos, n):
+                value = within[r, i]
+                to_bank[r, slot] = value
+                if value < d_p[r]:
+                    d_p[r] = value
+                    d_p_idx[r] = slot
+                elif d_p_idx[r] == slot:
+                    d_p[r], d_p_idx[r] = _first_min(to_bank[r])
+        return replaced, closest, clock
 
 
 def squared_distances(
@@ -142,11 +268,19 @@ class StreamingCoreset:
         self.features = torch.zeros((m, self.dim), dtype=dtype, device=self.device)
         self.count = 0
         self._sq = torch.zeros(m, dtype=dtype, device=self.device)
-        self._dist = torch.full((m, m), math.inf, dtype=dtype, device=self.device)
+        # (M, M) squared distances; see ``_dist``. On the compiled path a replacement writes its
+        # row only, and row r is brought up to date when read: entry (r, j) is copied from row j
+        # for every slot j replaced after ``_row_stamp[r]`` (``_replaced_at[j]``, in replacements).
+        self._matrix = torch.full((m, m), math.inf, dtype=dtype, device=self.device)
+        self._row_stamp = np.zeros(m, np.int64)
+        self._replaced_at = np.zeros(m, np.int64)
+        self._clock = 0
+        self._lazy = False  # some rows are not up to date
         self._nn_val = torch.full((m,), math.inf, dtype=dtype, device=self.device)
         self._nn_idx = torch.zeros(m, dtype=torch.int64, device=self.device)
         self._closest = 0  # row of the closest pair (argmin of _nn_val)
         self.origin = torch.full((m,), -1, dtype=torch.int64, device=self.device) if track_origin else None
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None  # (M,) row and index buffers of the kernel
         self.num_seen = 0
         self.num_inserted = 0
         self.num_replaced = 0
@@ -156,6 +290,18 @@ class StreamingCoreset:
     def is_full(self) -> bool:
         """True once the coreset holds ``size`` vectors."""
         return self.count == self.size
+
+    @property
+    def _dist(self) -> torch.Tensor:
+        """The symmetric (M, M) matrix of squared pairwise distances (+inf on the diagonal and for
+        unfilled slots); brings every row up to date first (O(M^2) after replacements)."""
+        self._make_symmetric()
+        return self._matrix
+
+    def _make_symmetric(self) -> None:
+        if self._lazy:
+            _bring_all_up_to_date(self._matrix.numpy(), self._row_stamp, self._replaced_at, self._clock)
+            self._lazy = False
 
     @property
     def min_pairwise_distance(self) -> float:
@@ -180,7 +326,7 @@ class StreamingCoreset:
     @property
     def memory_bytes(self) -> int:
         """Bytes held by the state (features, norms, distance matrix, nearest neighbours)."""
-        tensors = (self.features, self._sq, self._dist, self._nn_val, self._nn_idx)
+        tensors = (self.features, self._sq, self._matrix, self._nn_val, self._nn_idx)
         if self.origin is not None:
             tensors += (self.origin,)
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -273,6 +419,7 @@ class StreamingCoreset:
 
     def _append(self, new: torch.Tensor, new_origin: torch.Tensor | None = None) -> None:
         """Fill slots count .. count + len(new) - 1 and their rows/columns of the matrix."""
+        self._make_symmetric()
         first, last = self.count, self.count + new.shape[0]
         self.features[first:last] = new
         if self.origin is not None and new_origin is not None:
@@ -285,8 +432,8 @@ class StreamingCoreset:
             square = block[:, s:e]
             square.copy_(torch.minimum(square, square.T))  # exactly symmetric
             square.fill_diagonal_(math.inf)
-            self._dist[s:e, :e] = block
-            self._dist[:s, s:e] = block[:, :s].T
+            self._matrix[s:e, :e] = block
+            self._matrix[:s, s:e] = block[:, :s].T
             # New rows see every filled column; older rows may find a closer vector among the
             # new ones (strictly closer: on a tie the older, lower index stays first).
             self._nn_val[s:e], self._nn_idx[s:e] = block.min(1)
@@ -303,6 +450,25 @@ class StreamingCoreset:
         chunk_sq = (chunk * chunk).sum(1)
         to_bank = squared_distances(chunk, self.features, chunk_sq, self._sq)  # (C, M), kept current
         d_p, d_p_idx = to_bank.min(1)
+        if _replace_chunk is not None and self.device.type == "cpu":
+            if not bool((d_p > self._nn_val[self._closest]).any()):
+                return 0  # no patch of the chunk can enter (the common case once the coreset is good)
+            within = squared_distances(chunk, chunk, chunk_sq, chunk_sq)
+            if self._scratch is None:
+                self._scratch = (np.empty(self.size, self._sq.numpy().dtype), np.empty(self.size, np.int64))
+            no_origin = np.empty(0, np.int64)
+            tracked = self.origin is not None and chunk_origin is not None
+            replaced, self._closest, self._clock = _replace_chunk(
+                chunk.contiguous().numpy(), chunk_sq.numpy(), to_bank.numpy(), d_p.numpy(), d_p_idx.numpy(),
+                within.numpy(), self.features.numpy(), self._sq.numpy(), self._matrix.numpy(),
+                self._nn_val.numpy(), self._nn_idx.numpy(),
+                self.origin.numpy() if tracked else no_origin,
+                chunk_origin.contiguous().numpy() if tracked else no_origin,
+                self._closest, *self._scratch, self._row_stamp, self._replaced_at, self._clock,
+            )
+            self._lazy = self._lazy or replaced > 0
+            return int(replaced)
+        self._make_symmetric()  # the torch loop below keeps the matrix symmetric eagerly
         within: torch.Tensor | None = None  # (C, C) pairwise distances of the chunk, on demand
         replaced = 0
         pos = 0
