@@ -6,20 +6,29 @@ fit:   patch features -> channel reduction to d (random subset or negated PCA)
           "tied"   one mean per location, one covariance shared by all locations
           "global" one mean and one covariance for every patch of every location
 score: Mahalanobis distance of each patch to its location's Gaussian.
+
+The fit goes through additive statistics (`ops.moments.GaussianMoments`: counts, means,
+centred scatter matrices and the fourth-power sums Ledoit-Wolf needs), so that statistics
+of disjoint shards of the training images, merged, give the same model to float64 round-off
+(`defectlens.distributed`):
+
+    reduction_moments(features)   moments of the C-channel patches (negated PCA only)
+    fit_projection(C, moments)    the (C, d) reduction
+    gaussian_moments(features)    moments of the reduced patches, per location (or one group)
+    fit_moments(moments)          means and shrunk precisions
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from defectlens.errors import ConfigError
 from defectlens.methods.base import AnomalyMethod
-from defectlens.ops.gaussian import mahalanobis, precision_from_covariance, shrunk_covariance
+from defectlens.ops.gaussian import mahalanobis, precision_from_covariance
+from defectlens.ops.moments import GaussianMoments
 from defectlens.ops.reduction import REDUCTIONS, fit_reduction
 
 COVARIANCE_MODELS = ("full", "tied", "global")
-_MAX_PCA_SAMPLES = 200_000
 
 
 class Padim(AnomalyMethod):
@@ -57,28 +66,50 @@ class Padim(AnomalyMethod):
 
     def fit(self, features: torch.Tensor, image_index: torch.Tensor) -> None:
         """Gaussians of patch features (N, C, h, w) (tiles count as images)."""
-        num_images, channels = features.shape[:2]
-        patches = features.permute(0, 2, 3, 1).reshape(-1, channels)
-        sample_generator = torch.Generator().manual_seed(self.seed)
-        if patches.shape[0] > _MAX_PCA_SAMPLES:
-            patches = patches[torch.randperm(patches.shape[0], generator=sample_generator)[:_MAX_PCA_SAMPLES]]
-        self.projection = fit_reduction(patches, self.reduction, self.reduced_dim, self.seed)
+        self.fit_projection(features.shape[1], self.reduction_moments(features))
+        self.fit_moments(self.gaussian_moments(features))
+
+    # ------------------------------------------------------------------ additive statistics
+    @property
+    def reduction_needs_data(self) -> bool:
+        """Whether the channel reduction is learnt from the patches (negated PCA)."""
+        return self.reduction == "negated_pca"
+
+    def reduction_moments(self, features: torch.Tensor) -> GaussianMoments | None:
+        """Moments (one group, C channels) of every patch of features (N, C, h, w), which the
+        negated PCA is learnt from; None for reductions that need no data."""
+        if not self.reduction_needs_data:
+            return None
+        patches = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        return GaussianMoments.of(patches.double().numpy()[:, None, :])
+
+    def fit_projection(self, channels: int, moments: GaussianMoments | None) -> None:
+        """Set the (C, d) reduction: the d eigenvectors of lowest variance of the patch
+        covariance in ``moments`` (negated PCA, as `ops.reduction.fit_reduction` on those
+        patches), or the data-free random subset / identity."""
+        if moments is None:
+            self.projection = fit_reduction(torch.empty(0, channels), self.reduction, self.reduced_dim, self.seed)
+            return
+        _, eigenvectors = torch.linalg.eigh(torch.from_numpy(moments.covariance()[0]))  # ascending eigenvalues
+        self.projection = eigenvectors[:, : min(self.reduced_dim, channels)].float().contiguous()
+
+    def gaussian_moments(self, features: torch.Tensor) -> GaussianMoments:
+        """Moments of the reduced patches of features (N, C, h, w): one group per feature-grid
+        location ("full", "tied"), or one group of every patch ("global")."""
         reduced = self._reduce(features).double().numpy()  # (N, L, d)
         if self.covariance == "global":
-            mean = reduced.reshape(-1, reduced.shape[-1]).mean(axis=0, keepdims=True)  # (1, d)
-            covariance = shrunk_covariance((reduced - mean).reshape(-1, reduced.shape[-1]))[None]
-        else:
-            mean = reduced.mean(axis=0)  # (L, d)
-            centered = reduced - mean[None]
-            if self.covariance == "tied":
-                covariance = shrunk_covariance(centered.reshape(-1, reduced.shape[-1]))[None]
-            else:
-                if num_images < 2:
-                    raise ConfigError("PaDiM with full covariance needs at least 2 training images")
-                covariance = np.stack([shrunk_covariance(centered[:, location]) for location in range(mean.shape[0])])
-        self.mean = torch.from_numpy(mean).float()
+            reduced = reduced.reshape(-1, 1, reduced.shape[-1])
+        return GaussianMoments.of(reduced)
+
+    def fit_moments(self, moments: GaussianMoments) -> None:
+        """Means and Ledoit-Wolf precisions from the moments of `gaussian_moments`."""
+        if self.covariance == "full" and moments.count < 2:
+            raise ConfigError("PaDiM with full covariance needs at least 2 training images")
+        covariance = moments.pooled().ledoit_wolf() if self.covariance == "tied" else moments.ledoit_wolf()
+        self.mean = torch.from_numpy(moments.mean).float()
         self.precision = torch.from_numpy(precision_from_covariance(covariance)).float()
 
+    # ------------------------------------------------------------------ scoring and state
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         num_images, _, height, width = features.shape
         expected_locations = self.mean.shape[0]
