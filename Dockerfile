@@ -1,12 +1,17 @@
-# defectlens inspection service, CPU only.
+# defectlens inspection service, CPU only. It listens on all interfaces inside the container, so it
+# requires API tokens: no token file, no start (the service refuses an open 0.0.0.0 bind).
 #
 #   docker build -t defectlens .
-#   docker run -p 8000:8000 -v "$PWD/models:/models:ro" -v defectlens-data:/data defectlens
+#   defectlens token --role write --file tokens.txt      # prints the token once; the file keeps its hash
+#   docker run -p 127.0.0.1:8000:8000 -v "$PWD/models:/models:ro" -v "$PWD/tokens.txt:/run/secrets/defectlens-tokens:ro" \
+#       -v defectlens-data:/data defectlens
 #
 # Expects the model at /models/model.dlens; the inspection log (SQLite) and the stored images,
-# heat maps, masks and anomaly maps go to the /data volume. Other arguments replace the CMD:
+# heat maps, masks and anomaly maps go to the /data volume. Publish the port on 127.0.0.1 and put
+# a TLS reverse proxy in front (README: "Inspection service"). Other arguments replace the CMD:
 #   docker run ... defectlens --model a=/models/a.dlens --model b=/models/b.dlens --host 0.0.0.0 \
-#       --db sqlite:////data/inspections.db --store /data/store
+#       --auth-token-file /run/secrets/defectlens-tokens \
+#       --db postgresql+psycopg://USER:PASSWORD@db:5432/inspections --store /data/store
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -38,4 +43,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
 
 ENTRYPOINT ["defectlens", "serve"]
 CMD ["--model", "/models/model.dlens", "--host", "0.0.0.0", "--port", "8000", \
+     "--auth-token-file", "/run/secrets/defectlens-tokens", \
      "--db", "sqlite:////data/inspections.db", "--store", "/data/store"]

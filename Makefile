@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test install clean browser-deps
+.PHONY: demo test install clean browser-deps postgres-deps
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -28,7 +28,13 @@ browser-deps:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 
-test: install browser-deps
+# PostgreSQL server binaries for the inspection-log tests (Debian's package). The tests start a
+# private cluster of their own on 127.0.0.1 (tests/service/postgres.py) and stop it after.
+postgres-deps:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends postgresql; }
+
+test: install browser-deps postgres-deps
 	$(PY) -m pytest -q -ra
 
 clean:

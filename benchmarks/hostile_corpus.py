@@ -486,7 +486,7 @@ def build(corpus: Corpus) -> None:
             continue
         try:  # (a PDF carries dates: fixed ones keep the corpus reproducible)
             data = pil(small, fmt, **({"creationDate": FIXED_DATE, "modDate": FIXED_DATE} if fmt == "PDF" else {}))
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, TypeError):  # Pillow 13: PDF dates
             continue
         corpus.add("odd_format", f"{fmt.lower()}_as_{suffix[1:]}", data, "format", suffix)
     corpus.add("odd_format", "pgm_gray", pil(small[:, :, 0], "PPM"), "format", ".pgm")

@@ -2,7 +2,8 @@
 
 The servers are separate processes (`python -m defectlens.service.cli`, the same code as
 `defectlens serve`) listening on a free port, so the tests go through real HTTP, real uvicorn
-and a real SQLite file.
+and a real SQLite file - or a real PostgreSQL database in a private cluster (`postgres`
+fixture, see postgres.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Iterator, Sequence
 import httpx
 import numpy as np
 import pytest
+
+from .postgres import PrivateCluster, postgres_bindir
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_ROOT = Path(os.environ.get("DEFECTLENS_DATA", REPO.parent / "shared" / "data"))
@@ -40,14 +43,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`defectlens serve` in a child process; `url`, `db` (SQLite file) and `store` (folder)."""
+    """`defectlens serve` in a child process; `url`, `db_url` (default: the SQLite file `db`) and
+    `store` (folder)."""
 
-    def __init__(self, models: Sequence[str], workdir: Path, extra: Sequence[str] = ()) -> None:
+    def __init__(self, models: Sequence[str], workdir: Path, extra: Sequence[str] = (), db_url: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.models = list(models)
         self.workdir = workdir
         self.store = workdir / "store"
         self.db = workdir / "inspections.db"
+        self.db_url = db_url or f"sqlite:///{self.db}"
         self.extra = list(extra)
+        self.env = env
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.log = workdir / "server.log"
@@ -61,10 +68,11 @@ class ServerProcess:
         command = [sys.executable, "-m", "defectlens.service.cli", "--host", "127.0.0.1", "--port", str(self.port)]
         for model in self.models:
             command += ["--model", model]
-        command += ["--db", f"sqlite:///{self.db}", "--store", str(self.store), "--log-level", "warning", *self.extra]
+        command += ["--db", self.db_url, "--store", str(self.store), "--log-level", "warning", *self.extra]
         self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **(self.env or {})}
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -129,12 +137,62 @@ def server(brick_model: Path, transistor_model: Path | None, tmp_path_factory: p
 
 
 @pytest.fixture(scope="session")
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A token file with one read and one write token; the tokens themselves."""
+    from defectlens.service.security import new_token, token_line
+
+    folder = tmp_path_factory.mktemp("tokens")
+    read, write = new_token(), new_token()
+    file = folder / "tokens.txt"
+    file.write_text(f"# test tokens\n{token_line('read', read, 'reader')}\n{token_line('write', write)}\n\n")
+    return {"file": file, "read": read, "write": write}
+
+
+@pytest.fixture(scope="session")
+def auth_server(brick_model: Path, tokens: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server (model 'bricks') that needs API tokens."""
+    process = ServerProcess([str(brick_model)], tmp_path_factory.mktemp("auth-server"),
+                            extra=["--auth-token-file", str(tokens["file"])])
+    yield process.start()
+    process.stop()
+
+
+@pytest.fixture(scope="session")
 def png_bytes(brick_data: Path) -> dict[str, bytes]:
     """A good and a stained brick crop as PNG bytes."""
     return {
         "good": (brick_data / "test" / "good" / "000.png").read_bytes(),
         "stain": (brick_data / "test" / "stain" / "000.png").read_bytes(),
     }
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PrivateCluster]:
+    """A private PostgreSQL cluster on 127.0.0.1 for this test session (skips outside CI without it)."""
+    if postgres_bindir() is None:
+        skip_or_fail("PostgreSQL server binaries not found (make postgres-deps, or apt-get install postgresql)")
+    cluster = PrivateCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def new_database(cluster: PrivateCluster) -> str:
+    import uuid
+
+    return cluster.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+def db_rows(url: str) -> dict[str, dict]:
+    """Every inspection row of a database, by id (SQLite or PostgreSQL)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {row["id"]: dict(row) for row in connection.execute(text("SELECT * FROM inspections")).mappings()}
+    finally:
+        engine.dispose()
 
 
 def random_png(size: int = 96, seed: int = 0) -> bytes:
@@ -146,3 +204,26 @@ def random_png(size: int = 96, seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def review_model(brick_model: Path, brick_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The brick model with two thresholds set so that the good test crops are REVIEW and the
+    first stained crop NOT OK (saved, so re-sealed, like `defectlens rules` / `recalibrate` do)."""
+    from defectlens.detector import Detector
+
+    detector = Detector.load(brick_model)
+    good = [float(p.score) for p in detector.predict_batch(sorted((brick_data / "test" / "good").glob("*.png")))]
+    stain = float(detector.predict(brick_data / "test" / "stain" / "000.png").score)
+    assert stain > max(good) > min(good) > 0, (good, stain)
+    detector.review_threshold = 0.9 * min(good)
+    detector.threshold = (max(good) + stain) / 2
+    return detector.save(tmp_path_factory.mktemp("models") / "review.dlens")
+
+
+@pytest.fixture(scope="session")
+def review_server(review_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server with model 'review' (two thresholds), for the REVIEW and operator-review tests."""
+    process = ServerProcess([str(review_model)], tmp_path_factory.mktemp("review-server")).start()
+    yield process
+    process.stop()

@@ -1,19 +1,24 @@
-"""End to end in a real headless Chromium: upload a defective transistor, read the verdict.
+"""End to end in a real headless Chromium: upload a defective transistor, read the verdict; sign
+in with an API token (wrong, read-only, write) on a server that needs one; a foreign page's
+form POST to the service is refused.
 
 Needs Debian's `chromium` + `chromium-driver` and the `selenium` package. Without them the test
-skips with a message, except under CI=true where it fails. A screenshot of the page is kept in
-test-artifacts/service-ui.png.
+skips with a message, except under CI=true where it fails. Screenshots of the page are kept in
+test-artifacts/service-ui*.png.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, TRANSISTOR, ServerProcess, skip_or_fail
+from .conftest import REPO, TRANSISTOR, ServerProcess, db_rows, skip_or_fail
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 DRIVER_CANDIDATES = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
@@ -81,6 +86,7 @@ def test_operator_ui_inspects_a_defective_transistor(
     for image in ("overlay", "image", "mask"):
         wait.until(lambda b, image=image: b.execute_script(loaded, image))
     assert browser.execute_script("return document.getElementById('overlay').naturalWidth") > 0
+    assert browser.find_element(By.ID, "overlay").get_attribute("src").startswith("blob:")  # fetched with headers
     wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#history tbody tr.current"))
     ARTIFACTS.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "service-ui.png"))
@@ -95,7 +101,7 @@ def test_operator_ui_inspects_a_defective_transistor(
         "const s = document.getElementById('threshold'); s.value = s.max; s.dispatchEvent(new Event('input'));"
     )
     wait.until(lambda b: b.find_element(By.ID, "verdict").text == "OK")
-    wait.until(lambda b: "threshold=" in b.find_element(By.ID, "mask").get_attribute("src"))
+    wait.until(lambda b: "threshold=" in (b.find_element(By.ID, "mask").get_attribute("data-src") or ""))
     wait.until(lambda b: b.execute_script(loaded, "mask"))
     assert browser.find_element(By.ID, "rejudge-note").is_displayed()
     assert browser.save_screenshot(str(ARTIFACTS / "service-ui-rejudged.png"))
@@ -116,3 +122,119 @@ def test_operator_ui_inspects_a_defective_transistor(
     wait.until(lambda b: b.find_element(By.ID, "message").is_displayed())
     assert "cannot read image notes.png" in browser.find_element(By.ID, "message").text
     assert browser.find_element(By.ID, "verdict").text == "NOT OK"
+
+
+LOADED = "const i = document.getElementById(arguments[0]); return i.complete && i.naturalWidth > 0;"
+
+
+def test_operator_signs_in_with_a_token(browser, auth_server: ServerProcess, tokens: dict, brick_data: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    stain = brick_data / "test" / "stain" / "000.png"
+    browser.get(auth_server.url + "/")
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    assert browser.find_element(By.ID, "login").is_displayed()  # the server needs a token: the page asks for one
+    message = browser.find_element(By.ID, "message")
+
+    token_box = browser.find_element(By.ID, "token")
+    token_box.send_keys("dl_not-a-valid-token-at-all")
+    browser.find_element(By.ID, "login-button").click()
+    wait.until(lambda b: message.is_displayed() and "refused" in message.text)
+    assert browser.find_element(By.ID, "login").is_displayed()
+
+    token_box.send_keys(tokens["read"])  # read-only: the history shows, inspecting is refused
+    browser.find_element(By.ID, "login-button").click()
+    wait.until(lambda b: b.find_element(By.ID, "session").is_displayed())
+    assert "read" in browser.find_element(By.ID, "session-role").text
+    assert browser.execute_script("return sessionStorage.getItem('defectlens.token')") == tokens["read"]
+    assert browser.execute_script("return document.cookie") == ""  # no cookie: nothing a foreign page can ride on
+    assert browser.find_element(By.ID, "file").get_attribute("disabled")
+
+    browser.find_element(By.ID, "logout").click()
+    wait.until(lambda b: b.find_element(By.ID, "login").is_displayed())
+    assert browser.execute_script("return sessionStorage.getItem('defectlens.token')") is None
+    token_box.send_keys(tokens["write"])
+    browser.find_element(By.ID, "login-button").click()
+    wait.until(lambda b: "write" in b.find_element(By.ID, "session-role").text)
+    browser.find_element(By.ID, "file").send_keys(str(stain))
+    wait.until(lambda b: b.find_element(By.ID, "verdict").text in ("OK", "NOT OK"))
+    for image in ("overlay", "image", "mask"):
+        wait.until(lambda b, image=image: b.execute_script(LOADED, image))  # pictures fetched with the token
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#history tbody tr.current"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "service-ui-signed-in.png"))
+
+
+def test_a_foreign_pages_form_post_is_refused(browser, server: ServerProcess, tmp_path: Path, png_bytes) -> None:
+    """A page on another origin auto-submits a multipart form to /v1/inspect (a CSRF 'simple request')."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = tmp_path / "evil.html"
+    page.write_text(
+        f'<form id="f" method="POST" enctype="multipart/form-data" action="{server.url}/v1/inspect">'
+        '<input name="model" value="bricks"><input type="file" name="image"></form>'
+        "<script>document.getElementById('f').submit()</script>"
+    )
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    evil = ThreadingHTTPServer(("localhost", 0), handler)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    rows = len(db_rows(server.db_url))
+    try:
+        browser.get(f"http://localhost:{evil.server_address[1]}/evil.html")
+        WebDriverWait(browser, 30).until(lambda b: "cross-origin" in b.find_element(By.TAG_NAME, "body").text)
+    finally:
+        evil.shutdown()
+    assert len(db_rows(server.db_url)) == rows
+
+
+def test_operator_sees_review_and_marks_it_good(browser, review_server: ServerProcess, brick_data: Path) -> None:
+    """Issue 15: REVIEW is a third state on screen, with its p-value and reasons; the operator's
+    "good after review" is stored with who; a drifting model shows a warning."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(review_server.url + "/")
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    assert not browser.find_element(By.ID, "drift").is_displayed()
+    browser.find_element(By.ID, "file").send_keys(str(brick_data / "test" / "good" / "000.png"))
+    wait.until(lambda b: b.find_element(By.ID, "verdict").text in ("OK", "REVIEW", "NOT OK"))
+    verdict = browser.find_element(By.ID, "verdict")
+    assert verdict.text == "REVIEW" and "review" in verdict.get_attribute("class")
+    assert browser.find_element(By.ID, "p-value").text.startswith(("0.", "1")) and "z" in browser.find_element(By.ID, "p-value").text
+    assert "between review" in browser.find_element(By.ID, "reasons").text
+    wait.until(lambda b: b.execute_script(
+        "return [...document.querySelectorAll('#history tbody tr.current .badge')].map(x => x.textContent)") == ["REVIEW"])
+    inspection_id = browser.find_element(By.ID, "inspection-id").text
+
+    browser.find_element(By.ID, "operator").clear()
+    browser.find_element(By.ID, "operator").send_keys("dana")
+    browser.find_element(By.ID, "review-note").send_keys("reflection on the mortar")
+    browser.find_element(By.ID, "review-good").click()
+    wait.until(lambda b: "good after review" in b.find_element(By.ID, "review-state").text)
+    assert "dana" in browser.find_element(By.ID, "review-state").text
+    reviews = httpx.get(f"{review_server.url}/v1/inspections/{inspection_id}/reviews", timeout=30).json()["items"]
+    assert [(r["decision"], r["operator"], r["note"], r["verdict"]) for r in reviews] == [
+        ("good", "dana", "reflection on the mortar", "REVIEW")]
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "service-ui-review.png"))
+
+    # the served model's scores drift (rows written straight into its log): the page warns
+    from defectlens.service.store import InspectionStore
+
+    model = httpx.get(f"{review_server.url}/v1/models", timeout=30).json()["items"][0]
+    store = InspectionStore(review_server.db_url)
+    for index in range(40):
+        score = model["threshold"] * (3.0 + 0.01 * index)
+        store.add(model_name=model["name"], model_sha256=model["sha256"], image_sha256="d" * 64, width=64, height=64,
+                  score=score, threshold=model["threshold"], is_anomalous=True, latency_ms=1.0, image_path="x.png",
+                  heatmap_path="x.png", mask_path="x.png", map_path="x.npy")
+    store.close()
+    browser.refresh()
+    wait.until(lambda b: b.find_element(By.ID, "drift").is_displayed())
+    assert "Drift warning" in browser.find_element(By.ID, "drift").text and model["name"] in browser.find_element(By.ID, "drift").text
+    assert browser.save_screenshot(str(ARTIFACTS / "service-ui-drift.png"))
