@@ -6,7 +6,9 @@ A config (JSON, or TOML on Python 3.11+) lists what to combine::
       "name": "transistor_piped",
       "data_root": "../../shared/data",          # relative to the config file; the
                                                   # DEFECTLENS_DATA variable overrides it
-      "methods": [{"name": "patchcore", "options": {"coreset_ratio": 0.1}}, "padim"],
+      "methods": [{"name": "patchcore", "options": {"coreset_ratio": 0.1}}, "padim",
+                  {"name": "dsr", "seeds": [0, 1]},          # fewer seeds for a slow method
+                  {"name": "cflow", "optional": true}],      # not registered: failed rows
       "backbones": ["efficientnet_lite0"],
       "image_size": 256,                          # default for categories without one
       "categories": [{"path": "mvtec_ad/transistor", "image_size": 256},
@@ -15,8 +17,13 @@ A config (JSON, or TOML on Python 3.11+) lists what to combine::
       "batch_sizes": [1, 16],                     # inference timing batch sizes
       "timing_images": 16, "timing_repeats": 3,
       "detector": {"batch_size": 16},             # other Detector arguments
-      "start_method": "spawn", "workers": 1, "threads": null
+      "start_method": "spawn", "workers": 1, "threads": null,
+      "train_thresholds": false,                  # TPR at TNR from training-image thresholds
+      "html_reports": "none"                      # or "first_seed": an HTML report per row
     }
+
+A method marked ``"optional"`` that this build does not register gives failed rows (the
+reason in ``error``) instead of refusing the config; any other unknown method is refused.
 
 Each run (one combination) happens in a fresh process (``multiprocessing``, ``spawn`` by
 default, ``forkserver`` on request: forked from a server that has imported the library
@@ -74,6 +81,8 @@ class MethodSpec:
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    seeds: tuple[int, ...] | None = None  # this method's seeds (None: the config's)
+    optional: bool = False  # unregistered -> failed rows, not a config error
 
     @property
     def display(self) -> str:
@@ -104,14 +113,25 @@ class BenchmarkConfig:
     workers: int = 1
     threads: int | None = None
     source: str = ""
+    train_thresholds: bool = False
+    html_reports: str = "none"
+    document: dict[str, Any] = field(default_factory=dict)  # the parsed file (protocols read their keys)
+    base_dir: Path = Path(".")
 
-    def jobs(self) -> list[dict[str, Any]]:
-        """One job per (category, method, backbone, seed), in that nesting order."""
+    def seeds_of(self, method: MethodSpec) -> list[int]:
+        return list(method.seeds) if method.seeds is not None else list(self.seeds)
+
+    def jobs(self, **variant: Any) -> list[dict[str, Any]]:
+        """One job per (category, method, backbone, seed), in that nesting order.
+
+        ``variant`` keys are set on every job (see `run_job`: experiment, variant, train_subset,
+        augment, window, batch_sizes ...).
+        """
         jobs = []
         for category in self.categories:
             for method in self.methods:
                 for backbone in self.backbones:
-                    for seed in self.seeds:
+                    for seed in self.seeds_of(method):
                         jobs.append({
                             "category": category.name,
                             "category_path": str(category.path),
@@ -126,6 +146,14 @@ class BenchmarkConfig:
                             "timing_repeats": self.timing_repeats,
                             "detector": dict(self.detector),
                             "threads": self.threads,
+                            "experiment": "main",
+                            "variant": "",
+                            "train_subset": None,
+                            "augment": None,
+                            "window": None,
+                            "train_thresholds": self.train_thresholds,
+                            "html_report": self.html_reports == "first_seed" and seed == self.seeds_of(method)[0],
+                            **variant,
                         })
         return jobs
 
@@ -219,9 +247,12 @@ def load_config(source: str | Path | dict[str, Any], base_dir: str | Path | None
     methods: list[MethodSpec] = []
     for entry in document.get("methods") or []:
         spec = MethodSpec(entry) if isinstance(entry, str) else MethodSpec(
-            str(entry.get("name", "")), dict(entry.get("options") or {}), str(entry.get("label") or ""))
-        if spec.name not in METHODS:
-            raise ConfigError(f"{where}: unknown method {spec.name!r}; choose from {', '.join(sorted(METHODS))}")
+            str(entry.get("name", "")), dict(entry.get("options") or {}), str(entry.get("label") or ""),
+            None if entry.get("seeds") is None else tuple(_int_list(entry, "seeds", [0], f"{where}: method {entry.get('name')!r}")),
+            bool(entry.get("optional", False)))
+        if spec.name not in METHODS and not spec.optional:
+            raise ConfigError(f"{where}: unknown method {spec.name!r}; choose from {', '.join(sorted(METHODS))} "
+                              "(or mark it \"optional\": true to report it as failed rows)")
         methods.append(spec)
     if not methods:
         raise ConfigError(f"{where}: 'methods' must list at least one method")
@@ -253,8 +284,14 @@ def load_config(source: str | Path | dict[str, Any], base_dir: str | Path | None
         workers=int(document.get("workers", 1)),
         threads=None if document.get("threads") is None else int(document["threads"]),
         source="" if isinstance(source, dict) else str(source),
+        train_thresholds=bool(document.get("train_thresholds", False)),
+        html_reports=str(document.get("html_reports", "none")),
+        document=dict(document),
+        base_dir=base,
     )
-    if min(config.batch_sizes) < 1 or config.timing_images < 1 or config.timing_repeats < 1 or config.workers < 1:
+    if config.html_reports not in ("none", "first_seed"):
+        raise ConfigError(f"{where}: html_reports must be 'none' or 'first_seed', got {config.html_reports!r}")
+    if min(config.batch_sizes, default=1) < 1 or config.timing_images < 1 or config.timing_repeats < 1 or config.workers < 1:
         raise ConfigError(f"{where}: batch_sizes, timing_images, timing_repeats and workers must be >= 1")
     for key in ("method", "backbone", "image_size", "seed"):
         if key in config.detector:
@@ -333,6 +370,59 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+TRAIN_TNRS = (0.9, 0.95, 0.99)
+
+
+def training_threshold_metrics(normal_train_scores: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                               tnrs: Sequence[float] = TRAIN_TNRS) -> dict[str, float | None]:
+    """TPR at TNR with thresholds from training images only (the AutoVI protocol).
+
+    For each target TNR t the threshold is `metrics.normal_quantile_threshold` of the held-out
+    training scores (the detector's own calibration scores: leave-one-out, k-fold or held-out
+    split, as its method declares); a test image is flagged when its score is above it.
+
+    Returns:
+        ``train_tpr_at_tnr_<t>``: the fraction of defective test images flagged;
+        ``train_tnr_at_tnr_<t>``: the fraction of good test images not flagged (how well the
+        training threshold carries over; t on exchangeable data). None without such images.
+    """
+    from defectlens.metrics import normal_quantile_threshold
+
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    good, defective = scores[~labels], scores[labels]
+    values: dict[str, float | None] = {}
+    for tnr in tnrs:
+        threshold = normal_quantile_threshold(normal_train_scores, tnr)
+        values[f"train_tpr_at_tnr_{tnr}"] = float((defective > threshold).mean()) if defective.size else None
+        values[f"train_tnr_at_tnr_{tnr}"] = float((good <= threshold).mean()) if good.size else None
+    return values
+
+
+def held_out_normal_scores(detector: Any) -> np.ndarray:
+    """The held-out normal training scores the detector's thresholds were set from (sorted)."""
+    if detector.normal_scores is None:
+        raise ConfigError("the detector kept no held-out normal scores (not fitted?)")
+    return np.asarray(detector.normal_scores.scores, dtype=np.float64)
+
+
+def _training_inputs(dataset: Any, job: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The job's training set: all train images, a few-shot subset, and/or augmented copies."""
+    from defectlens.data.variants import few_shot_subset, with_augmented_copies
+
+    images = list(dataset.train_images())
+    info: dict[str, Any] = {"available": len(images)}
+    if job.get("train_subset"):
+        chosen = few_shot_subset(len(images), int(job["train_subset"]), job["seed"])
+        images = [images[i] for i in chosen]
+        info["subset"] = [path.name for path in images]
+    if job.get("augment"):
+        spec = job["augment"]
+        images = with_augmented_copies(images, spec.get("augmentation", "autovi"), int(spec.get("copies", 1)), job["seed"])
+        info["augmented_copies"] = int(spec.get("copies", 1))
+    info["fitted_on"] = len(images)
+    return images, info
+
+
 def _run_job(job: dict[str, Any]) -> dict[str, Any]:
     import tempfile
 
@@ -340,33 +430,54 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     from defectlens.data.datasets import open_dataset
     from defectlens.data.images import read_image
+    from defectlens.data.variants import WindowSpec, crop_category
     from defectlens.detector import Detector
-    from defectlens.evaluation import evaluate
+    from defectlens.evaluation import evaluate_run
+    from defectlens.methods import METHODS
 
-    dataset = open_dataset(job["category_path"])
-    if not hasattr(dataset, "train_images"):
-        raise DatasetError(f"{job['category_path']} has no train/good folder")
-    detector = Detector(method=job["method"], backbone=job["backbone"], image_size=job["image_size"],
-                        seed=job["seed"], **job["detector"], **job["method_options"])
-    started = time.perf_counter()
-    detector.fit(dataset.train_images())
-    fit_seconds = time.perf_counter() - started
-    report = evaluate(detector, dataset)
+    if job["method"] not in METHODS:
+        raise ConfigError(f"method {job['method']!r} is not registered in this defectlens build "
+                          f"(registered: {', '.join(sorted(METHODS))})")
     with tempfile.TemporaryDirectory(prefix="defectlens-bench-") as folder:
+        root, window_info = Path(job["category_path"]), None
+        if job.get("window"):
+            root = Path(folder) / "window" / root.name
+            window_info = crop_category(job["category_path"], root, WindowSpec.from_dict(job["window"]))
+        dataset = open_dataset(root)
+        if not hasattr(dataset, "train_images"):
+            raise DatasetError(f"{job['category_path']} has no train/good folder")
+        train, train_info = _training_inputs(dataset, job)
+        detector = Detector(method=job["method"], backbone=job["backbone"], image_size=job["image_size"],
+                            seed=job["seed"], **job["detector"], **job["method_options"])
+        started = time.perf_counter()
+        detector.fit(train)
+        fit_seconds = time.perf_counter() - started
+        report, run = evaluate_run(detector, dataset)
+        metrics = flat_metrics(report)
+        if job.get("train_thresholds"):
+            labels = np.asarray([sample.label for sample in run.samples])
+            metrics.update(training_threshold_metrics(held_out_normal_scores(detector), run.scores, labels))
+        if job.get("report_dir"):
+            from defectlens.report import write_html_report
+
+            title = f"{job['category']} · {job['method_label']} · seed {job['seed']} {job.get('variant') or ''}".strip()
+            write_html_report(report, run, job["report_dir"], title=title)
         model_bytes = detector.save(Path(folder) / "model.dlens").stat().st_size
-    samples = dataset.test_samples()
-    chosen = [samples[i] for i in _evenly_spaced(job["timing_images"], len(samples))]
-    images = [read_image(sample.path) for sample in chosen]
-    inference = time_inference(detector, images, job["batch_sizes"], job["timing_repeats"])
+        samples = dataset.test_samples()
+        chosen = [samples[i] for i in _evenly_spaced(job["timing_images"], len(samples))]
+        images = [read_image(sample.path) for sample in chosen] if job["batch_sizes"] else []
+        inference = time_inference(detector, images, job["batch_sizes"], job["timing_repeats"]) if images else {}
     info = detector.fit_info
     return {
-        **{key: job[key] for key in ("category", "category_path", "method", "method_label", "method_options",
-                                     "backbone", "image_size", "seed")},
+        **{key: job[key] for key in JOB_KEYS if key in job},
         "status": "ok",
         "error": None,
         "fit_s": fit_seconds,
         "fit_detail": {"feature_s": info.feature_seconds, "method_s": info.method_seconds,
-                       "calibration_s": info.calibration_seconds, "num_images": info.num_images},
+                       "calibration_s": info.calibration_seconds, "num_images": info.num_images,
+                       "method": info.method},
+        "train": train_info,
+        "window_info": window_info,
         "eval_ms_per_image": report["timing"]["ms_per_image"],
         "infer_ms_per_image": inference,
         "timing_images": len(images),
@@ -374,14 +485,23 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
         "model_mb": model_bytes / 1e6,
         "threshold": detector.threshold,
         "torch_threads": torch.get_num_threads(),
-        "metrics": flat_metrics(report),
+        "metrics": metrics,
         "report": report,
     }
 
 
+JOB_KEYS = ("category", "category_path", "method", "method_label", "method_options", "backbone", "image_size", "seed",
+            "experiment", "variant", "train_subset", "augment", "window")
+
+
+def job_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies a run: (experiment, variant, category, method label, backbone, seed)."""
+    return (record.get("experiment") or "main", record.get("variant") or "", record["category"], record["method_label"],
+            record["backbone"], int(record["seed"]))
+
+
 def _failed(job: dict[str, Any], message: str) -> dict[str, Any]:
-    return {**{key: job[key] for key in ("category", "category_path", "method", "method_label", "method_options",
-                                         "backbone", "image_size", "seed")},
+    return {**{key: job[key] for key in JOB_KEYS if key in job},
             "status": "error", "error": message, "metrics": {}, "report": None}
 
 
@@ -529,7 +649,8 @@ def mark_best(groups: dict[Any, list[float]], higher_is_better: bool, alpha: flo
     return marks
 
 
-def _cell(values: Sequence[float], digits: int, mark: str) -> str:
+def mean_std_cell(values: Sequence[float], digits: int, mark: str) -> str:
+    """``mean ± std`` (sample std), **bold** for the best, *italic* for a tie, an en dash without values."""
     if not values:
         return "–"
     mean = float(np.mean(values))
@@ -572,8 +693,18 @@ def _mean_over_categories(ok: Sequence[dict[str, Any]], rows: list[tuple[str, st
     return complete, synthetic
 
 
+def _with_variant_label(record: dict[str, Any]) -> dict[str, Any]:
+    experiment = record.get("experiment") or "main"
+    extra = " ".join(part for part in ("" if experiment == "main" else experiment, record.get("variant") or "") if part)
+    return {**record, "method_label": f"{record['method_label']} [{extra}]"} if extra else record
+
+
 def summary_tables(records: Sequence[dict[str, Any]], alpha: float = SIGNIFICANCE) -> str:
-    """Markdown tables (quality, then cost) of mean ± std over seeds, Welch-marked per category."""
+    """Markdown tables (quality, then cost) of mean ± std over seeds, Welch-marked per category.
+
+    Runs of other experiments than "main" (or with a variant) get rows of their own.
+    """
+    records = [_with_variant_label(record) for record in records]
     ok = [record for record in records if record.get("status") == "ok"]
     if not ok:
         return "No successful run.\n"
@@ -599,7 +730,7 @@ def summary_tables(records: Sequence[dict[str, Any]], alpha: float = SIGNIFICANC
                 if not count:
                     continue
                 lines.append([category, row[0], row[1], str(count)]
-                             + [_cell(values[c.key][row], c.digits, marks[c.key][row]) for c in columns])
+                             + [mean_std_cell(values[c.key][row], c.digits, marks[c.key][row]) for c in columns])
         widths = [max(len(header[i]), *(len(line[i]) for line in lines)) for i in range(len(header))]
 
         def render(cells: Sequence[str]) -> str:
@@ -620,8 +751,8 @@ def summary_tables(records: Sequence[dict[str, Any]], alpha: float = SIGNIFICANC
 # ------------------------------------------------------------------------------------------
 # result files
 # ------------------------------------------------------------------------------------------
-CSV_FIRST = ["run_id", "finished_at", "config", "category", "method", "method_label", "method_options", "backbone",
-             "image_size", "seed", "status", "fit_s", "eval_ms_per_image", "peak_rss_mb", "model_mb", "torch_threads"]
+CSV_FIRST = ["run_id", "finished_at", "config", "experiment", "variant", "category", "method", "method_label",
+             "method_options", "backbone", "image_size", "seed", "status", "fit_s", "eval_ms_per_image", "peak_rss_mb", "model_mb", "torch_threads"]
 
 
 def csv_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -692,11 +823,23 @@ class BenchmarkResult:
         return sum(record.get("status") != "ok" for record in self.records)
 
 
+def _report_dir(out: Path, job: dict[str, Any]) -> str:
+    parts = [job.get("experiment") or "main", job.get("variant") or "", job["category"], job["method_label"], job["backbone"]]
+    name = "__".join(part for part in parts if part)
+    return str(out / "reports" / "".join(c if c.isalnum() or c in "._-" else "_" for c in name))
+
+
 def run_benchmark(config: BenchmarkConfig | str | Path, out_dir: str | Path,
-                  progress: ProgressCallback | None = None) -> BenchmarkResult:
+                  progress: ProgressCallback | None = None, jobs: Sequence[dict[str, Any]] | None = None,
+                  resume: bool = False, tables: Callable[[Sequence[dict[str, Any]]], str] | None = None) -> BenchmarkResult:
     """Run every combination of ``config``; append results under ``out_dir``; build the tables.
 
-    ``progress(description, done, total)`` is called before and after every run.
+    Args:
+        jobs: the runs (default ``config.jobs()``; protocols make their own).
+        resume: skip runs whose key (`job_key`) already has a successful record of this config
+            in ``out_dir/results.jsonl`` (an interrupted benchmark goes on where it stopped).
+        tables: records -> Markdown tables (default `summary_tables` of this run's records).
+        progress: ``progress(description, done, total)`` before and after every run.
     """
     if not isinstance(config, BenchmarkConfig):
         config = load_config(config)
@@ -707,7 +850,13 @@ def run_benchmark(config: BenchmarkConfig | str | Path, out_dir: str | Path,
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
     jsonl_path, csv_path = out / "results.jsonl", out / "results.csv"
     environment = _environment()
-    jobs = config.jobs()
+    jobs = list(config.jobs() if jobs is None else jobs)
+    if resume and jsonl_path.exists():
+        done = {job_key(r) for r in read_results(jsonl_path) if r.get("status") == "ok" and r.get("config") == config.name}
+        jobs = [job for job in jobs if job_key(job) not in done]
+    for job in jobs:
+        if job.get("html_report"):
+            job["report_dir"] = _report_dir(out, job)
     records: list[dict[str, Any]] = []
     if progress:
         progress(f"{config.name}: {len(jobs)} runs", 0, len(jobs))
@@ -721,8 +870,10 @@ def run_benchmark(config: BenchmarkConfig | str | Path, out_dir: str | Path,
         append_csv(csv_path, record)
         if progress:
             status = "" if record["status"] == "ok" else " FAILED"
-            progress(f"{record['category']} {record['method_label']} seed {record['seed']}{status}", len(records), len(jobs))
-    table = summary_tables(records)
+            variant = f" {record['variant']}" if record.get("variant") else ""
+            progress(f"{record.get('experiment', 'main')}{variant} {record['category']} {record['method_label']} "
+                     f"seed {record['seed']}{status}", len(records), len(jobs))
+    table = (tables or summary_tables)(records)
     summary_path = out / f"summary-{run_id}.md"
     summary_path.write_text(f"# Benchmark {config.name} ({run_id})\n\n{table}", encoding="utf-8")
     return BenchmarkResult(run_id, records, table, jsonl_path, csv_path, summary_path)
@@ -732,4 +883,6 @@ def iter_failures(records: Iterable[dict[str, Any]]) -> Iterator[str]:
     for record in records:
         if record.get("status") != "ok":
             first = (record.get("error") or "").splitlines()[0] if record.get("error") else "unknown error"
-            yield f"{record['category']} {record['method_label']} {record['backbone']} seed {record['seed']}: {first}"
+            variant = f" {record['variant']}" if record.get("variant") else ""
+            yield (f"{record.get('experiment', 'main')}{variant} {record['category']} {record['method_label']} "
+                   f"{record['backbone']} seed {record['seed']}: {first}")

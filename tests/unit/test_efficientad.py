@@ -16,7 +16,7 @@ from defectlens.detector import Detector
 from defectlens.errors import ModelFileError, NonFiniteLossError
 from defectlens.methods import efficientad as ead
 from defectlens.methods.efficientad import EfficientAD, autoencoder_augmentation, hard_feature_loss
-from defectlens.networks import pdn
+from defectlens.networks import bundled as bundled_files, pdn
 from defectlens.networks.efficientad_autoencoder import EfficientADAutoencoder
 from defectlens.networks.pdn import PDN, load_teacher
 from defectlens.samples import FitData
@@ -195,7 +195,7 @@ def test_a_tampered_bundled_teacher_is_refused(tmp_path, monkeypatch):
     data = bytearray(tampered.read_bytes())
     data[-100] ^= 0x01  # one bit of one weight
     tampered.write_bytes(bytes(data))
-    monkeypatch.setattr(pdn, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(bundled_files, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(ModelFileError, match="tampered"):
         load_teacher("small")
     with pytest.raises(ModelFileError, match="tampered"):

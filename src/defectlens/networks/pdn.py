@@ -28,7 +28,6 @@ docstring); their SHA-256 is recorded here (`BUNDLED_TEACHERS`) and checked on e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from defectlens.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, read_state_dict
 from defectlens.errors import ConfigError, ModelFileError
 from defectlens.hashing import file_sha256
+from defectlens.networks.bundled import BundledWeights
 from defectlens.networks.periodic import PeriodicAvgPool2d, PeriodicConv2d, set_circular_x
 
 PDNSize = Literal["small", "medium"]
@@ -45,7 +45,6 @@ PDN_SIZES: tuple[str, ...] = ("small", "medium")
 TEACHER_CHANNELS = 384
 PDN_STRIDE = 4
 PDN_RECEPTIVE_FIELD = 33
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 def _layers(size: str, out_channels: int) -> list[nn.Module]:
@@ -109,20 +108,8 @@ class PDN(nn.Module):
         self.layers.to(memory_format=torch.channels_last)
 
 
-@dataclass(frozen=True)
-class BundledTeacher:
-    """A teacher shipped in the package: file name (under `WEIGHTS_DIR`) and its SHA-256."""
-
-    file: str
-    sha256: str
-
-    @property
-    def path(self) -> Path:
-        return WEIGHTS_DIR / self.file
-
-
-BUNDLED_TEACHERS: dict[str, BundledTeacher] = {
-    "small": BundledTeacher(
+BUNDLED_TEACHERS: dict[str, BundledWeights] = {
+    "small": BundledWeights(
         "efficientad_teacher_small_lite0.safetensors",
         "e67abea5ca9b64a0cef2adb449815e820e6230936986cbf5d5434a446141a0f6",
     ),
@@ -130,7 +117,7 @@ BUNDLED_TEACHERS: dict[str, BundledTeacher] = {
 """PDN size -> the bundled teacher distilled from EfficientNet-Lite0 (tools/distill_efficientad_teacher.py)."""
 
 
-def bundled_teacher(size: str) -> BundledTeacher:
+def bundled_teacher(size: str) -> BundledWeights:
     """The bundled teacher of a PDN size; ConfigError when none ships for it."""
     if size not in PDN_SIZES:
         raise ConfigError(f"PDN size must be one of {', '.join(PDN_SIZES)}, got {size!r}")
