@@ -125,7 +125,7 @@ def test_feature_shapes_non_square(lite0: FeatureExtractor) -> None:
 
 
 def _reference_features(
-    name: str, images: torch.Tensor, weights: Path | None = None
+    name: str, images: torch.Tensor, weights: Path | None = None, aggregation: int = 3
 ) -> torch.Tensor:
     """The feature pipeline written out plainly on the unmodified backbone."""
     spec = get_backbone_spec(name)
@@ -137,7 +137,7 @@ def _reference_features(
         maps = model.forward_features((images - mean) / std, names)
     grid = (-(-images.shape[-2] // 8), -(-images.shape[-1] // 8))
     return torch.cat([
-        F.interpolate(F.avg_pool2d(maps[layer], 3, 1, 1), size=grid, mode="bilinear",
+        F.interpolate(F.avg_pool2d(maps[layer], aggregation, 1, aggregation // 2), size=grid, mode="bilinear",
                       align_corners=False)
         for layer in names
     ], dim=1)
@@ -151,6 +151,21 @@ def test_features_match_the_plain_pipeline(name: str) -> None:
     features = extractor(images)
     assert features.is_contiguous()
     torch.testing.assert_close(features, _reference_features(name, images), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("aggregation", [1, 5])
+def test_other_aggregation_neighbourhoods_match_the_plain_pipeline(aggregation: int) -> None:
+    images = torch.rand(2, 3, 64, 80)
+    features = FeatureExtractor("efficientnet_lite0", aggregation=aggregation)(images)
+    expected = _reference_features("efficientnet_lite0", images, aggregation=aggregation)
+    torch.testing.assert_close(features, expected, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(features, FeatureExtractor("efficientnet_lite0")(images), atol=1e-3)
+
+
+@pytest.mark.parametrize("aggregation", [0, 2, -1])
+def test_even_or_empty_aggregation_is_refused(aggregation: int) -> None:
+    with pytest.raises(ConfigError, match="odd"):
+        FeatureExtractor("efficientnet_lite0", aggregation=aggregation)
 
 
 def test_feature_shapes_chosen_layers() -> None:

@@ -39,6 +39,8 @@ def make_padding_circular_in_x(model: nn.Module) -> None:
     In place; parameter names do not change. ``Conv2dSame`` has a ``circular_x`` switch.
     Other convolutions and max-pools keep their y padding (zeros, or -inf for max-pool)
     but lose their x padding, which a forward pre-hook adds back by wrapping around.
+    Transposed convolutions wrap their input and crop one period of the output
+    (`_make_transposed_circular_x`).
     """
     for module in model.modules():
         if isinstance(module, Conv2dSame):
@@ -58,7 +60,9 @@ def make_padding_circular_in_x(model: nn.Module) -> None:
                 continue
             module.padding = (pad_y, 0)
             module.register_forward_pre_hook(_circular_x_pad_hook(pad_x))
-        elif isinstance(module, (nn.AvgPool2d, nn.LPPool2d, nn.ConvTranspose2d)):
+        elif isinstance(module, nn.ConvTranspose2d):
+            _make_transposed_circular_x(module)
+        elif isinstance(module, (nn.AvgPool2d, nn.LPPool2d)):
             raise ConfigError(f"circular padding does not support {type(module).__name__}")
 
 
@@ -69,6 +73,54 @@ def _circular_x_pad_hook(
         return (pad_circular_x(args[0], pad_x, pad_x), *args[1:])
 
     return hook
+
+
+def _make_transposed_circular_x(module: nn.ConvTranspose2d) -> None:
+    """Make a transposed convolution periodic in x: a period of W input columns gives exactly
+    the W * stride output columns of one period, each the sum of every input column's
+    (wrapped-around) contribution, i.e. the zero-padded layer applied to the endlessly
+    repeated input.
+
+    Needs kernel_eff - 2 * padding + output_padding == stride in x (kernel_eff = dilation *
+    (kernel - 1) + 1: the output is W * stride wide); a layer without x padding and output
+    padding is left as it is (like a convolution without x padding). The layer then runs
+    without x padding on the input wrapped by ceil((kernel_eff - 1 - padding) / stride)
+    columns on the left and ceil(padding / stride) on the right, and a forward hook crops the
+    period out of the result. ``output_size`` cannot be passed to such a layer.
+    """
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise ConfigError(f"circular padding cannot convert {module}")
+    kernel, stride = module.kernel_size[1], module.stride[1]
+    padding, output_padding = module.padding[1], module.output_padding[1]
+    kernel_eff = module.dilation[1] * (kernel - 1) + 1
+    if padding == 0 and output_padding == 0:
+        return
+    if kernel_eff - 2 * padding + output_padding != stride:
+        raise ConfigError(
+            f"circular padding needs kernel - 2 * padding + output_padding == stride in x (the output one "
+            f"period wide) for {module}"
+        )
+    left = -(-(kernel_eff - 1 - padding) // stride)
+    right = -(-padding // stride)
+    module.padding = (module.padding[0], 0)
+    module.output_padding = (module.output_padding[0], 0)
+
+    def wrap(layer: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        if len(args) > 1 and args[1] is not None:
+            raise ConfigError("a circular ConvTranspose2d cannot take output_size")
+        x, width = args[0], args[0].shape[-1]
+        if max(left, right) <= width:
+            return (pad_circular_x(x, left, right),)
+        periods = -(-max(left, right) // width)  # a kernel wider than the input: repeat it
+        return (x.repeat(1, 1, 1, 2 * periods + 1)[..., periods * width - left : (periods + 1) * width + right],)
+
+    def crop(layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        width = args[0].shape[-1] - left - right
+        start = padding + left * stride
+        return output[..., start : start + width * stride]
+
+    module.register_forward_pre_hook(wrap)
+    module.register_forward_hook(crop)
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
@@ -140,6 +192,8 @@ class FeatureExtractor(nn.Module):
         circular_padding: wrap around in x (width) for periodic roll-out bands.
         images_per_pass: images per backbone pass inside ``forward`` (speed / memory only;
             the result does not depend on it).
+        aggregation: side, in feature cells, of the neighbourhood averaged into each patch
+            feature (3: PatchCore's 3x3 local aggregation; 1: none, as the PaDiM paper); odd.
 
     ``forward(images)``: (N, 3, H, W) float32 RGB in [0, 1] -> (N, feature_dim,
     ceil(H / stride), ceil(W / stride)) float32. Always in eval mode, without gradients.
@@ -153,10 +207,14 @@ class FeatureExtractor(nn.Module):
         device: str = "cpu",
         circular_padding: bool = False,
         images_per_pass: int = 4,
+        aggregation: int = 3,
     ) -> None:
         super().__init__()
         if images_per_pass < 1:
             raise ConfigError(f"images_per_pass must be >= 1, got {images_per_pass}")
+        if int(aggregation) < 1 or int(aggregation) % 2 == 0:
+            raise ConfigError(f"feature aggregation must be an odd number of cells >= 1, got {aggregation}")
+        self.aggregation = int(aggregation)
         self.images_per_pass = images_per_pass
         self._spec = get_backbone_spec(backbone)
         if layers is None:
@@ -242,10 +300,13 @@ class FeatureExtractor(nn.Module):
         return normalized.div_(self._std)
 
     def _aggregate(self, features: Tensor) -> Tensor:
-        """3x3 average of each cell's neighbourhood (zero padding counts, as PatchCore)."""
+        """k x k average of each cell's neighbourhood (zero padding counts, as PatchCore); k = 1: as is."""
+        side, half = self.aggregation, self.aggregation // 2
+        if side == 1:
+            return features
         if self.circular_padding:
-            return F.avg_pool2d(pad_circular_x(features, 1, 1), 3, stride=1, padding=(1, 0))
-        return F.avg_pool2d(features, 3, stride=1, padding=1)
+            return F.avg_pool2d(pad_circular_x(features, half, half), side, stride=1, padding=(half, 0))
+        return F.avg_pool2d(features, side, stride=1, padding=half)
 
     def _resize(self, features: Tensor, grid: tuple[int, int]) -> Tensor:
         if features.shape[-2:] == grid:

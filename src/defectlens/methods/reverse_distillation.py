@@ -129,7 +129,3 @@ class ReverseDistillation(TrainedMethod):
         circular = self.context.circular_padding
         return torch.stack([upsample(d, grid, circular) for d in distances]).sum(dim=0).float()
 
-    def state(self) -> dict[str, Tensor]:
-        """Network weights and extra tensors; 0-dim ones (BatchNorm's ``num_batches_tracked``) as
-        shape (1,), which the model file's checksum can read and ``load_state_dict`` takes back."""
-        return {name: tensor.reshape(1) if tensor.dim() == 0 else tensor for name, tensor in super().state().items()}

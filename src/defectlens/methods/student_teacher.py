@@ -374,10 +374,6 @@ class StudentTeacher(TrainedMethod):
             summary["quantiles"] = self.quantiles.tolist() if self.quantiles is not None else None
         return summary
 
-    def state(self) -> dict[str, Tensor]:
-        """Network weights and extra tensors; 0-dim ones (BatchNorm's ``num_batches_tracked``) as
-        shape (1,), which the model file's checksum can read and ``load_state_dict`` takes back."""
-        return {name: tensor.reshape(1) if tensor.dim() == 0 else tensor for name, tensor in super().state().items()}
 
     def extra_state(self) -> dict[str, Tensor]:
         return {"quantiles": self.quantiles} if self.quantiles is not None else {}

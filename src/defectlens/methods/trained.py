@@ -174,11 +174,15 @@ class TrainedMethod(AnomalyMethod):
         return {name: module for name, module in self.networks.items() if name not in self.pretrained_networks}
 
     def state(self) -> dict[str, torch.Tensor]:
+        """Network weights and extra tensors; 0-dim ones (a trained BatchNorm's
+        ``num_batches_tracked``) as shape (1,), which model files can hash (``load_state_dict``
+        takes them back)."""
         tensors = {
-            f"{name}.{key}": value for name, module in self._saved_networks().items()
-            for key, value in module.state_dict().items()
+            f"{name}.{key}": value.reshape(1) if value.dim() == 0 else value
+            for name, module in self._saved_networks().items() for key, value in module.state_dict().items()
         }
-        return {**tensors, **{f"extra.{key}": value for key, value in self.extra_state().items()}}
+        extra = {f"extra.{key}": value.reshape(1) if value.dim() == 0 else value for key, value in self.extra_state().items()}
+        return {**tensors, **extra}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, module in self._saved_networks().items():
