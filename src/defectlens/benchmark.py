@@ -51,6 +51,7 @@ import glob
 import json
 import math
 import os
+import secrets
 import platform
 import resource
 import sys
@@ -847,7 +848,8 @@ def run_benchmark(config: BenchmarkConfig | str | Path, out_dir: str | Path,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
+    # time, process and a random part: two runs in one second of one process stay apart
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}-{secrets.token_hex(3)}"
     jsonl_path, csv_path = out / "results.jsonl", out / "results.csv"
     environment = _environment()
     jobs = list(config.jobs() if jobs is None else jobs)

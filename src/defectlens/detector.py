@@ -35,11 +35,12 @@ from defectlens.preprocess import InputPreparation, ScoredImage
 from defectlens.results import FitInfo, Prediction
 from defectlens.rules import InspectionRules
 from defectlens.samples import FitData, ProgressCallback, batched
-from defectlens.settings import as_size, check_same_features, check_settings, json_safe
+from defectlens.settings import as_aggregation, as_size, check_same_features, check_settings, json_safe
+from defectlens.threads import set_threads
 from defectlens.verdicts import NOT_OK, judge
 
 logger = logging.getLogger(__name__)
-_NOT_SAVED = ("method", "device")  # the method is saved by name; the device is the loader's choice
+_NOT_SAVED = ("method", "device", "threads")  # the method is saved by name; device and threads are the loader's choice
 
 
 class Detector:
@@ -77,6 +78,11 @@ class Detector:
             several epochs): a preset ("light", "autovi", "sequential") or a list of step dicts.
         rules: inspection rules (`defectlens.rules.InspectionRules` or its dict): care and
             don't-care regions, minimum defect area, maximum defect count, per-zone thresholds.
+        threads: CPU threads to compute with, set process-wide (``defectlens.threads``):
+            N, "auto" (the cores not already busy) or None (leave torch's setting). Results
+            do not depend on it.
+        feature_aggregation: neighbourhood (cells) averaged into each patch feature: 3 (PatchCore's
+            local aggregation) or 1 (none, as the PaDiM paper; better for tiny defects).
         **method_options: the method's hyper-parameters (e.g. coreset_ratio, covariance).
     """
 
@@ -88,13 +94,17 @@ class Detector:
         calibration_split: float = 0.1, preprocess: Preprocess | dict[str, Any] | None = None,
         circular_padding: bool = False, seed: int = 0, pool_size: int = 1, tile_size: int | None = None,
         tile_overlap: int = 32, augmentation: str | Sequence[dict[str, Any]] | None = None,
-        rules: InspectionRules | dict[str, Any] | None = None, **method_options: Any,
+        rules: InspectionRules | dict[str, Any] | None = None, threads: int | str | None = None,
+        feature_aggregation: int = 3, **method_options: Any,
     ) -> None:
         spec = get_backbone_spec(backbone)  # fails early with the list of names
         check_settings(device, batch_size, pool_size, tile_size, tile_overlap, circular_padding, calibration_split, target_fpr, review_fpr)
         self.method_name, self.backbone, self.device = method, backbone, device
+        self.threads = threads
+        set_threads(threads)
         self.image_size = as_size(image_size)
         self.layers = list(layers) if layers else [layer.name for layer in spec.default_layers]
+        self.feature_aggregation = as_aggregation(feature_aggregation)
         self.weights = str(weights) if weights else None
         self.batch_size, self.blur_sigma, self.seed = int(batch_size), float(blur_sigma), seed
         self.target_fpr, self.review_fpr, self.threshold_model = float(target_fpr), review_fpr, threshold_model
@@ -135,7 +145,8 @@ class Detector:
     def extractor(self) -> FeatureExtractor:
         """The frozen feature extractor, built on first use (weights load once)."""
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.layers, self.weights, self.device, circular_padding=self.circular_padding)
+            self._extractor = FeatureExtractor(self.backbone, self.layers, self.weights, self.device,
+                                               circular_padding=self.circular_padding, aggregation=self.feature_aggregation)
         return self._extractor
 
     def features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -245,6 +256,8 @@ class Detector:
 
     def predict(self, image: ImageInput, threshold: float | None = None) -> Prediction:
         """Verdict, score, map and mask for one image (path or array)."""
+        if isinstance(image, (list, tuple)):
+            raise ConfigError(f"predict takes one image (a path or an array), got a {type(image).__name__}: use predict_batch")
         return self.predict_batch([image], threshold)[0]
 
     def predict_batch(self, images: Sequence[ImageInput], threshold: float | None = None) -> list[Prediction]:
@@ -306,13 +319,13 @@ class Detector:
         return artifact.write_detector(path, contents, {"mean": list(spec.mean), "std": list(spec.std)})
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "Detector":
+    def load(cls, path: str | Path, device: str = "cpu", threads: int | str | None = None) -> "Detector":
         """Read a model file written by `save`; ModelFileError if it is damaged or foreign."""
         contents = artifact.read_detector(path)
         try:
             options = method_class(contents.method).upgrade_options(contents.method_options)
             options = {name: value for name, value in options.items() if name not in contents.params}  # e.g. seed
-            detector = cls(method=contents.method, device=device, **contents.params, **options)
+            detector = cls(method=contents.method, device=device, threads=threads, **contents.params, **options)
             detector.method.load_state(contents.method_state)
             detector.fit_info = FitInfo(**contents.fit)
         except (KeyError, TypeError, ValueError, ConfigError) as error:

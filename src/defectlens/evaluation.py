@@ -292,6 +292,14 @@ def evaluate_run(detector: Any, dataset: Any, progress: Callable[[str, int, int]
     dataset = _as_dataset(dataset)
     samples = dataset.test_samples()
     warnings = dataset_warnings(dataset, samples)
+    # a supervised method (supervised_fpn) never is evaluated on the defective images it trained on
+    trained_on = {Path(p).resolve() for p in detector.method.labelled_training_images()}
+    if trained_on:
+        kept = [sample for sample in samples if Path(sample.path).resolve() not in trained_on]
+        if len(kept) < len(samples):
+            warnings.append(f"{len(samples) - len(kept)} defective images the model was trained on (their labels) "
+                            f"are left out of the evaluation; {len(kept)} images evaluated")
+        samples = kept
     for warning in warnings:
         logger.warning(warning)
     run = run_detector(detector, samples, progress)

@@ -56,3 +56,5 @@ class FitInfo:
     calibration_seconds: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
     method: dict[str, Any] = field(default_factory=dict)
+    auto: dict[str, Any] = field(default_factory=dict)
+    """``fit --auto``: the selection rule, the chosen candidate and every candidate's scores."""

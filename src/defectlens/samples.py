@@ -17,6 +17,7 @@ that train for many epochs do not decode their images again each epoch.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -138,6 +139,13 @@ class FitData:
         self._cache: dict[int, np.ndarray] = {}
         self._cache_bytes_left = cache_megabytes * 2**20
         self._joined: Batch | None = None
+
+    def encoded_by(self, encode: Encoder) -> "FitData":
+        """The same images, orders and prepared-image cache, encoded by ``encode`` instead (the
+        members of an ensemble, each with its own backbone)."""
+        view = copy.copy(self)
+        view.encode, view.encode_seconds, view._joined = encode, 0.0, None
+        return view
 
     @property
     def num_images(self) -> int:

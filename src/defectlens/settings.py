@@ -19,6 +19,7 @@ class HasFeatures(Protocol):
     layers: list[str]
     image_size: tuple[int, int]
     weights: str | None
+    feature_aggregation: int
 
 
 def check_settings(
@@ -55,6 +56,13 @@ def as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
+def as_aggregation(cells: int) -> int:
+    """A feature-aggregation neighbourhood: an odd number of cells >= 1."""
+    if int(cells) != cells or int(cells) < 1 or int(cells) % 2 == 0:
+        raise ConfigError(f"feature_aggregation must be an odd number of cells >= 1 (3, or 1 for none), got {cells!r}")
+    return int(cells)
+
+
 def json_safe(value: Any) -> Any:
     """A setting as JSON: ROI steps and rules as their dicts, tuples as lists."""
     if isinstance(value, (Preprocess, InspectionRules)):
@@ -69,7 +77,10 @@ def feature_signature(detector: HasFeatures) -> dict[str, Any]:
     weights = detector.weights
     if weights and Path(weights).is_file():
         weights = file_sha256(weights)
-    return {"backbone": detector.backbone, "layers": detector.layers, "image_size": list(detector.image_size), "weights": weights}
+    return {
+        "backbone": detector.backbone, "layers": detector.layers, "image_size": list(detector.image_size), "weights": weights,
+        "feature_aggregation": detector.feature_aggregation,
+    }
 
 
 def check_same_features(detector: HasFeatures, other: HasFeatures, what: str) -> None:

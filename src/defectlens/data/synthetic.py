@@ -61,6 +61,7 @@ __all__ = [
     "stain_noise",
     "perlin_anomaly",
     "water_stain",
+    "cut_paste",
     "generate_anomaly",
     "make_synthetic_testset",
 ]
@@ -616,6 +617,45 @@ def water_stain(
     return finalize_anomaly(original, altered, inside)
 
 
+def cut_paste(
+    image: np.ndarray,
+    rng: SeedLike,
+    *,
+    size_range: Pair = (0.06, 0.2),
+    rotate: bool = True,
+) -> AnomalyResult:
+    """CutPaste (Li et al. 2021): a rectangular patch of the image itself, optionally turned by
+    90 / 180 / 270 degrees and jittered in brightness, pasted at another place.
+
+    Args:
+        size_range: patch sides as fractions of the shorter image side.
+        rotate: turn the patch by a random multiple of 90 degrees.
+
+    Returns:
+        ``(image, mask)``: the mask is where the pasted patch changed the image.
+    """
+    original = _prepare(image)
+    generator = as_generator(rng)
+    low, high = check_range("size_range", size_range, 0.0, 1.0)
+    height, width = original.shape[:2]
+    side = max(1, int(round(generator.uniform(low, high) * min(height, width))))
+    patch_rows, patch_cols = side, max(1, int(round(side * generator.uniform(0.5, 2.0))))
+    patch_cols = min(patch_cols, width)
+    top, left = int(generator.integers(0, height - patch_rows + 1)), int(generator.integers(0, width - patch_cols + 1))
+    patch = original[top:top + patch_rows, left:left + patch_cols]
+    if rotate:
+        patch = np.rot90(patch, int(generator.integers(1, 4)))
+    patch = np.clip(patch * generator.uniform(0.8, 1.2), 0.0, 1.0)
+    rows, cols = patch.shape[:2]
+    rows, cols = min(rows, height), min(cols, width)
+    to_top, to_left = int(generator.integers(0, height - rows + 1)), int(generator.integers(0, width - cols + 1))
+    altered = original.copy()
+    altered[to_top:to_top + rows, to_left:to_left + cols] = patch[:rows, :cols]
+    region = np.zeros((height, width), dtype=bool)
+    region[to_top:to_top + rows, to_left:to_left + cols] = True
+    return finalize_anomaly(original, altered, region)
+
+
 # ---------------------------------------------------------------------------------------------
 # registry and test-set writer
 
@@ -625,6 +665,7 @@ SYNTHETIC_KINDS: dict[str, AnomalyGenerator] = {
     "stain": stain_noise,
     "perlin": perlin_anomaly,
     "water_stain": water_stain,
+    "cut_paste": cut_paste,
 }
 """CLI kind name → generator."""
 

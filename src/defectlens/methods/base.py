@@ -21,6 +21,8 @@ thresholds are shared steps (`postprocess`, `preprocess`, `calibration`).
                                      never fitted on (trained methods: never k retrainings)
     warm_start(source)               start the next fit from a fitted method (fine-tuning)
     fit_summary()                    JSON-safe summary of what the last fit did
+    labelled_training_images()       defective images a supervised fit learned from (left
+                                     out of evaluation); [] for methods that see only good ones
     state() / load_state()           learned state as named tensors
     config()                         hyper-parameters, read from the constructor signature
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import torch
@@ -117,6 +120,11 @@ class AnomalyMethod(ABC):
     def warm_start(self, source: "AnomalyMethod") -> None:
         """Start the next fit from the fitted ``source`` (fine-tuning)."""
         raise ConfigError(f"{self.name} cannot start from another model (init)")
+
+    def labelled_training_images(self) -> list[Path]:
+        """Defective images whose labels the last fit used (supervised methods); evaluation
+        leaves them out of the test set."""
+        return []
 
     def fit_summary(self) -> dict[str, Any]:
         """JSON-safe summary of the last fit (epochs, training steps, losses ...)."""
