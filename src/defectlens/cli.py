@@ -185,7 +185,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from defectlens.outputs import ResultsWriter, output_stems
 
     if args.runtime != "torch":  # a folder of `defectlens export`, run without torch
-        from defectlens.errors import ConfigError
         from defectlens.export.runtime import ExportedDetector
 
         if args.ray or args.resume:
