@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from defectlens.detector import Detector
 from defectlens.errors import ConfigError, ModelFileError
@@ -15,7 +16,9 @@ from defectlens.networks.dsr import GeneralVQVAE, VectorQuantizer
 from defectlens.training import seeded
 from tests.conftest import textured_images, with_square_defect
 
-TINY = dict(max_steps=100, upsampling_steps=40, train_batch_size=4, train_crop=None, learning_rate=2e-3)
+# ~45 s on 2 cores. At 100 steps and lr 2e-3 the map was luck (pixel AUROC 0.24-0.99 over seeds and
+# thread counts); at these settings it was 0.94-0.99 over seeds 3-6 with 1 and 2 threads.
+TINY = dict(max_steps=300, upsampling_steps=100, train_batch_size=4, train_crop=None, learning_rate=1e-3)
 
 
 # ------------------------------------------------------------------------------ quantizer
@@ -105,16 +108,18 @@ def test_the_three_stages_train_and_a_pasted_defect_scores_higher_where_it_is(fi
     for stage in stages.values():
         losses = stage["loss_history"]["loss"]
         assert losses[-1] < losses[0], stage  # each stage learned
-    good = textured_images(1, seed=5)[0]
-    defective, mask = with_square_defect(textured_images(1, seed=9)[0], 20, 30, 14)
-    good_pred, bad_pred = fitted.predict_batch([good, defective])
-    assert bad_pred.score > good_pred.score
-    heat = bad_pred.anomaly_map
-    # a tiny budget (seconds): the map is weak but must single the defect out, against the rest of
-    # the image and against the same place of a good image (observed ratios 1.35 and 1.49)
-    assert heat[mask].mean() > 1.2 * heat[~mask].mean()
-    assert heat[mask].mean() > 1.2 * good_pred.anomaly_map[mask].mean()
-    assert mask[np.unravel_index(np.argmax(heat), heat.shape)]
+    goods = textured_images(4, seed=50)
+    corners = [(20, 30), (8, 8), (40, 12), (30, 44)]
+    pasted = [with_square_defect(image, top, left, 14) for image, (top, left) in zip(textured_images(4, seed=90), corners)]
+    predictions = fitted.predict_batch(goods + [image for image, _ in pasted])
+    good_scores, bad_scores = [p.score for p in predictions[:4]], [p.score for p in predictions[4:]]
+    assert min(bad_scores) > max(good_scores)
+    masks = np.stack([mask for _, mask in pasted])
+    bad_maps = np.stack([p.anomaly_map for p in predictions[4:]])
+    good_maps = np.stack([p.anomaly_map for p in predictions[:4]])
+    # observed over seeds 3-6 and 1/2 threads: pixel AUROC >= 0.94, defect vs same place of good >= 1.47
+    assert roc_auc_score(masks.ravel(), bad_maps.ravel()) > 0.85
+    assert bad_maps[masks].mean() > 1.25 * good_maps[masks].mean()
 
 
 def test_fit_save_load_gives_identical_scores(fitted: Detector, tmp_path) -> None:
